@@ -1,0 +1,1 @@
+"""Integrations around the core: FastAPI helpers, the testing kit, Prometheus, dashboard."""

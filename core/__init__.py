@@ -1,0 +1,47 @@
+"""Overdrive: a pluggy plugin host and one pure-ASGI middleware for slow, GPU-bound APIs."""
+
+from .config import HostSettings, PluginFlags
+from .context import Capture, CapturedResponse, Lease, Operation, RequestContext
+from .errors import (
+    ConfigError,
+    OperationRefused,
+    OverdriveError,
+    PluginError,
+    PluginFailure,
+    PluginLoadError,
+)
+from .hookspecs import hookimpl, hookspec
+from .host import Overdrive
+from .plugin import Plugin
+from .routes import RoutePolicy, RouteRule
+
+__version__ = "0.1.0"
+
+# The seed's names for the whole system.
+AdvancedPerformanceSystem = Overdrive
+PerformanceOptimizationSystem = Overdrive
+
+__all__ = [
+    "AdvancedPerformanceSystem",
+    "Capture",
+    "CapturedResponse",
+    "ConfigError",
+    "HostSettings",
+    "Lease",
+    "Operation",
+    "OperationRefused",
+    "Overdrive",
+    "OverdriveError",
+    "PerformanceOptimizationSystem",
+    "Plugin",
+    "PluginError",
+    "PluginFailure",
+    "PluginFlags",
+    "PluginLoadError",
+    "RequestContext",
+    "RoutePolicy",
+    "RouteRule",
+    "__version__",
+    "hookimpl",
+    "hookspec",
+]

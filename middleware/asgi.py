@@ -1,0 +1,288 @@
+"""`OverdriveMiddleware`: the only hot path. Pure ASGI; walks the host's compiled chains.
+
+A request's life (DESIGN.md section 3): before_request -> cache_lookup ->
+gpu_allocate -> the app (on_response_start as it starts, body observers as it
+streams) -> cache_store -> on_failure when it broke -> gpu_release ->
+after_request. Whatever happens, `gpu_release` runs once per lease and
+`after_request` once per request, in `finally`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping, Sequence
+from time import perf_counter
+from typing import Any
+
+import structlog
+from overdrive.context import CapturedResponse, Lease, RequestContext
+from overdrive.errors import PluginFailure
+from overdrive.host import Overdrive
+
+from .request_id import is_sane, new_request_id
+from .responses import GATEWAY_TIMEOUT, INTERNAL_ERROR, Message, Receive, Scope, Send
+
+logger = structlog.get_logger("overdrive.middleware")
+
+_LIFESPAN_ENDS = (
+    "lifespan.shutdown.complete",
+    "lifespan.shutdown.failed",
+    "lifespan.startup.failed",
+)
+ASGIApp = Any  # any ASGI 3 callable; kept loose so raw apps and Starlette apps both fit
+
+
+class OverdriveMiddleware:
+    """Apply an Overdrive host to `app`.
+
+    Either pass a built `host`, or `config` and/or `plugins` to build one::
+
+        app.add_middleware(OverdriveMiddleware, config={"plugins": ["cache"]})
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        host: Overdrive | None = None,
+        config: Mapping[str, Any] | str | os.PathLike[str] | None = None,
+        plugins: Sequence[Any] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        if host is not None and (config is not None or plugins):
+            raise TypeError("pass either host= or config=/plugins=, not both")
+        self.app = app
+        self.host = host if host is not None else Overdrive(config, plugins=plugins, env=env)
+        self.host.state.setdefault("app", app)
+        self._rid_name = self.host.settings.request_id_header.encode("latin-1")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    # -- HTTP ------------------------------------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        host = self.host
+        if not host.started:
+            await host.initialize()
+        if host._release_at:
+            host.release_quarantine(perf_counter())
+        chains = host.chains
+        rid_name = self._rid_name
+
+        request_id = None
+        for name, value in scope.get("headers") or ():
+            if name == rid_name:
+                if is_sane(value):
+                    request_id = value.decode("ascii")
+                break
+        if request_id is None:
+            request_id = new_request_id()
+        routes = host.routes
+        policy = (
+            routes.lookup(scope.get("method", "GET"), scope.get("path", "/"))
+            if routes.rules
+            else routes.default
+        )
+        ctx = RequestContext(scope, request_id, policy, host)
+        rid_header = (rid_name, request_id.encode("ascii"))
+        on_start = chains.get("on_response_start")
+        on_failure = chains.get("on_failure")
+        # After a fallback replaced a failing response, the app's own messages are dropped.
+        replaced = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal replaced
+            if replaced:
+                return
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                original = message.get("headers") or []
+                if status >= 500 and on_failure and not ctx.response_started:
+                    ctx.status = status
+                    fallback = await host.call_first("on_failure", ctx, None)
+                    if fallback is not None:
+                        replaced = True
+
+                        async def fallback_send(m: Message) -> None:
+                            if m["type"] == "http.response.start":
+                                await send_wrapper_inner(m, m.get("headers") or [])
+                            else:
+                                await send(m)
+
+                        await fallback(scope, receive, fallback_send)
+                        return
+                await send_wrapper_inner(message, original)
+                return
+            observers = ctx.body_observers
+            if observers is not None and message["type"] == "http.response.body":
+                body = message.get("body", b"")
+                more = message.get("more_body", False)
+                for observer in observers:
+                    try:
+                        observer(body, more)
+                    except Exception:
+                        logger.exception("body observer raised", request_id=ctx.request_id)
+            await send(message)
+
+        async def send_wrapper_inner(message: Message, original: Any) -> None:
+            status = message["status"]
+            headers = list(original)
+            headers.append(rid_header)
+            ctx.status = status
+            ctx.response_headers = original
+            ctx.response_started = True
+            ctx.t_first_byte = perf_counter()
+            if on_start:
+                host.call_sync("on_response_start", ctx, status, headers)
+            message["headers"] = headers
+            await send(message)
+
+        try:
+            response = None
+            if chains.get("before_request"):
+                response = await host.call_first("before_request", ctx)
+            ctx.t_admitted = perf_counter()
+            if response is None and chains.get("cache_lookup"):
+                response = await host.call_first("cache_lookup", ctx)
+            if response is None and chains.get("gpu_allocate"):
+                result = await host.call_first("gpu_allocate", ctx)
+                if isinstance(result, Lease):
+                    ctx.lease = result
+                else:
+                    response = result
+            ctx.t_app = perf_counter()
+            if response is not None:
+                await response(scope, receive, send_wrapper)
+            else:
+                await self._call_app(ctx, scope, receive, send_wrapper, on_failure)
+                capture = ctx.capture
+                if (
+                    capture is not None
+                    and capture.complete
+                    and not replaced
+                    and ctx.status is not None
+                    and chains.get("cache_store")
+                ):
+                    captured = CapturedResponse(
+                        ctx.status, list(ctx.response_headers or ()), capture.body
+                    )
+                    await host.call_all("cache_store", ctx, captured)
+        except PluginFailure:
+            # Already logged and counted; the client gets a 500 without the exception text.
+            if not ctx.response_started:
+                await INTERNAL_ERROR(scope, receive, send_wrapper)
+        finally:
+            ctx.t_end = perf_counter()
+            await self._finish(ctx)
+
+    async def _call_app(
+        self,
+        ctx: RequestContext,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        on_failure: Any,
+    ) -> None:
+        host = self.host
+        try:
+            if ctx.timeout is not None:
+                async with asyncio.timeout(ctx.timeout):
+                    await self.app(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+        except TimeoutError as exc:
+            ctx.error = exc
+            if ctx.timeout is None:
+                raise  # the app's own TimeoutError, not our deadline
+            fallback = await host.call_first("on_failure", ctx, exc) if on_failure else None
+            if not ctx.response_started:
+                await (fallback or GATEWAY_TIMEOUT)(scope, receive, send)
+        except Exception as exc:
+            ctx.error = exc
+            if not on_failure:
+                raise
+            fallback = await host.call_first("on_failure", ctx, exc)
+            if fallback is None or ctx.response_started:
+                raise
+            await fallback(scope, receive, send)
+
+    async def _finish(self, ctx: RequestContext) -> None:
+        """gpu_release once per lease, after_request once per request; never raises."""
+        host = self.host
+        try:
+            lease = ctx.lease
+            if lease is not None:
+                await host.call_all("gpu_release", ctx, lease)
+            if host.chains.get("after_request"):
+                await host.call_all("after_request", ctx)
+        except PluginFailure:
+            pass  # logged and counted in host.fault; the response is already decided
+
+    # -- lifespan ----------------------------------------------------------------------
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Our startup before the app's, our shutdown after the app's.
+
+        An app with no lifespan support (it raises or returns without reading the
+        startup message) gets the lifespan answered by us.
+        """
+        host = self.host
+        seen_startup = False
+        startup_error: BaseException | None = None
+
+        async def lifespan_receive() -> Message:
+            nonlocal seen_startup, startup_error
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                seen_startup = True
+                try:
+                    await host.initialize()
+                except Exception as exc:
+                    startup_error = exc
+                    raise
+            return message
+
+        async def lifespan_send(message: Message) -> None:
+            if message["type"] in _LIFESPAN_ENDS:
+                await host.cleanup()
+            await send(message)
+
+        try:
+            await self.app(scope, lifespan_receive, lifespan_send)
+        except BaseException as exc:
+            if startup_error is not None:
+                await send({"type": "lifespan.startup.failed", "message": repr(startup_error)})
+                return
+            if seen_startup:
+                await host.cleanup()
+                raise
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        else:
+            if seen_startup:
+                return
+        await self._own_lifespan(receive, send)
+
+    async def _own_lifespan(self, receive: Receive, send: Send) -> None:
+        host = self.host
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await host.initialize()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await host.cleanup()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
