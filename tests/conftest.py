@@ -1,0 +1,88 @@
+"""Fixtures for the real services this machine runs (Redis, PostgreSQL).
+
+Locally a test that needs a missing service skips with a message naming it;
+under CI=true that skip is a failure, so CI cannot pass by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from tests.support.faults import RedisServer
+
+REDIS_URL = os.environ.get("OVERDRIVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get(
+    "OVERDRIVE_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def need(service: str, host: str, port: int) -> None:
+    """Skip (locally) or fail (CI=true) when `service` is not listening."""
+    if _reachable(host, port):
+        return
+    message = f"{service} is not running on {host}:{port}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message} (CI=true: a missing service is a failure)")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def redis_url() -> str:
+    need("Redis", "127.0.0.1", 6379)
+    return REDIS_URL
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    need("PostgreSQL", "127.0.0.1", 5432)
+    return POSTGRES_URL
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A key prefix of this test's own: the shared Redis is never flushed."""
+    return f"odtest:{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, which it may kill or SIGSTOP."""
+    if not RedisServer.available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is not installed (CI=true)")
+        pytest.skip("redis-server is not installed")
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+async def fault_proxy() -> AsyncIterator[object]:
+    """A factory: ``proxy = await fault_proxy(host, port)``; closed at teardown."""
+    from tests.support.faults import FaultProxy
+
+    made: list[FaultProxy] = []
+
+    async def factory(host: str, port: int) -> FaultProxy:
+        proxy = await FaultProxy(host, port).start()
+        made.append(proxy)
+        return proxy
+
+    yield factory
+    for proxy in made:
+        await proxy.close()
