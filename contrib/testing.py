@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pluggy
+
 from overdrive import hookimpl, hookspecs
 from overdrive.discovery import plugin_name
 from overdrive.host import Overdrive

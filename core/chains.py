@@ -79,13 +79,16 @@ class PluginInfo:
             "quarantined": self.quarantined_until > now,
             "quarantined_for_s": max(0.0, round(self.quarantined_until - now, 3)),
             "quarantines": self.quarantines,
+            # Sampled: every Nth request is timed (HostSettings.hook_timing_sample).
             "hooks": {
                 hook: {
                     "count": int(t[0]),
                     "total_ms": round(t[1] * 1000, 3),
+                    "mean_us": round(t[1] / t[0] * 1e6, 2) if t[0] else 0.0,
                     "max_ms": round(t[2] * 1000, 3),
                 }
                 for hook, t in self.timings.items()
+                if t[0]
             },
         }
 

@@ -40,12 +40,15 @@ class HostSettings:
     quarantine_window: float = 10.0
     #: How long a quarantined plugin is skipped before it is tried again.
     quarantine_seconds: float = 30.0
-    #: Record count, total and max time per plugin and hook.
-    hook_timings: bool = True
+    #: Time every Nth request's hook calls (count, total, max per plugin and hook);
+    #: 1 times every call, 0 turns timing off. Sampling keeps the hot path cheap.
+    hook_timing_sample: int = 16
 
     def __post_init__(self) -> None:
         if self.quarantine_after < 1:
             raise ConfigError(f"quarantine_after: expected >= 1, got {self.quarantine_after!r}")
+        if self.hook_timing_sample < 0:
+            raise ConfigError(f"hook_timing_sample: expected >= 0, got {self.hook_timing_sample!r}")
         if self.quarantine_window <= 0 or self.quarantine_seconds <= 0:
             raise ConfigError("quarantine_window and quarantine_seconds: expected > 0")
         name = self.request_id_header

@@ -60,6 +60,9 @@ class Overdrive:
         self.started = False
         self._start_lock: asyncio.Lock | None = None
         self._release_at = 0.0
+        self._ticks = 0
+        # Hook timings are sampled: every Nth request is timed (HostSettings.hook_timing_sample).
+        self.timed = False
         self.chains: dict[str, Chain] = {}
 
         enabled = raw.get("plugins", [])
@@ -242,8 +245,10 @@ class Overdrive:
 
     async def call_first(self, hook: str, *args: Any) -> Any:
         """Run a firstresult hook; the first non-None result (awaited) wins."""
+        timed = self.timed
         for fn, is_async, info, timing in self.chains.get(hook, _EMPTY):
-            t0 = perf_counter()
+            if timed:
+                t0 = perf_counter()
             try:
                 result = fn(*args)
                 if is_async:
@@ -251,28 +256,17 @@ class Overdrive:
             except Exception as exc:
                 self.fault(info, hook, exc)
                 continue
-            dt = perf_counter() - t0
-            timing[0] += 1
-            timing[1] += dt
-            if dt > timing[2]:
-                timing[2] = dt
+            if timed:
+                _record(timing, perf_counter() - t0)
             if result is None:
                 continue
             if hook in hookspecs.SHORT_CIRCUIT_HOOKS and not callable(result):
-                self.fault(
-                    info,
-                    hook,
-                    PluginError(
-                        info.name, hook, f"returned {type(result).__name__}, not an ASGI callable"
-                    ),
-                )
+                problem = f"returned {type(result).__name__}, not an ASGI callable"
+                self.fault(info, hook, PluginError(info.name, hook, problem))
                 continue
             if hook == "gpu_allocate" and not (isinstance(result, Lease) or callable(result)):
-                self.fault(
-                    info,
-                    hook,
-                    PluginError(info.name, hook, f"returned {type(result).__name__}, not a Lease"),
-                )
+                problem = f"returned {type(result).__name__}, not a Lease or an ASGI callable"
+                self.fault(info, hook, PluginError(info.name, hook, problem))
                 continue
             if info.shadow:
                 info.shadow_hits += 1
@@ -283,9 +277,11 @@ class Overdrive:
 
     async def call_all(self, hook: str, *args: Any) -> list[Any]:
         """Run every implementation (async ones awaited in turn); results in order."""
+        timed = self.timed
         results = []
         for fn, is_async, info, timing in self.chains.get(hook, _EMPTY):
-            t0 = perf_counter()
+            if timed:
+                t0 = perf_counter()
             try:
                 result = fn(*args)
                 if is_async:
@@ -293,28 +289,24 @@ class Overdrive:
             except Exception as exc:
                 self.fault(info, hook, exc)
                 continue
-            dt = perf_counter() - t0
-            timing[0] += 1
-            timing[1] += dt
-            if dt > timing[2]:
-                timing[2] = dt
+            if timed:
+                _record(timing, perf_counter() - t0)
             results.append(result)
         return results
 
     def call_sync(self, hook: str, *args: Any) -> None:
         """Run a sync hook (`on_response_start`)."""
+        timed = self.timed
         for fn, _, info, timing in self.chains.get(hook, _EMPTY):
-            t0 = perf_counter()
+            if timed:
+                t0 = perf_counter()
             try:
                 fn(*args)
             except Exception as exc:
                 self.fault(info, hook, exc)
                 continue
-            dt = perf_counter() - t0
-            timing[0] += 1
-            timing[1] += dt
-            if dt > timing[2]:
-                timing[2] = dt
+            if timed:
+                _record(timing, perf_counter() - t0)
 
     def _call_sync_all(self, hook: str, *args: Any, startup: bool = False) -> None:
         for fn, _, info, _timing in self.chains.get(hook, _EMPTY):
@@ -451,6 +443,13 @@ class Overdrive:
             "hooks": hooks,
             "settings": {name: settings_as_dict(s) for name, s in policy.settings.items()},
         }
+
+
+def _record(timing: list[float], seconds: float) -> None:
+    timing[0] += 1
+    timing[1] += seconds
+    if seconds > timing[2]:
+        timing[2] = seconds
 
 
 def obj_flag(obj: Any, name: str) -> bool:

@@ -16,12 +16,15 @@ from time import perf_counter
 from typing import Any
 
 import structlog
+
 from overdrive.context import CapturedResponse, Lease, RequestContext
 from overdrive.errors import PluginFailure
 from overdrive.host import Overdrive
 
 from .request_id import is_sane, new_request_id
 from .responses import GATEWAY_TIMEOUT, INTERNAL_ERROR, Message, Receive, Scope, Send
+
+Headers = list[tuple[bytes, bytes]]
 
 logger = structlog.get_logger("overdrive.middleware")
 
@@ -74,6 +77,10 @@ class OverdriveMiddleware:
             await host.initialize()
         if host._release_at:
             host.release_quarantine(perf_counter())
+        every = host.settings.hook_timing_sample
+        if every:
+            host._ticks += 1
+            host.timed = host._ticks % every == 0
         chains = host.chains
         rid_name = self._rid_name
 
@@ -92,8 +99,8 @@ class OverdriveMiddleware:
             else routes.default
         )
         ctx = RequestContext(scope, request_id, policy, host)
+        scope["overdrive.ctx"] = ctx
         rid_header = (rid_name, request_id.encode("ascii"))
-        on_start = chains.get("on_response_start")
         on_failure = chains.get("on_failure")
         # After a fallback replaced a failing response, the app's own messages are dropped.
         replaced = False
@@ -104,52 +111,28 @@ class OverdriveMiddleware:
                 return
             if message["type"] == "http.response.start":
                 status = message["status"]
-                original = message.get("headers") or []
                 if status >= 500 and on_failure and not ctx.response_started:
                     ctx.status = status
                     fallback = await host.call_first("on_failure", ctx, None)
                     if fallback is not None:
                         replaced = True
-
-                        async def fallback_send(m: Message) -> None:
-                            if m["type"] == "http.response.start":
-                                await send_wrapper_inner(m, m.get("headers") or [])
-                            else:
-                                await send(m)
-
-                        await fallback(scope, receive, fallback_send)
+                        await fallback(scope, receive, _FallbackSend(ctx, send, self._start))
                         return
-                await send_wrapper_inner(message, original)
-                return
-            observers = ctx.body_observers
-            if observers is not None and message["type"] == "http.response.body":
-                body = message.get("body", b"")
-                more = message.get("more_body", False)
-                for observer in observers:
-                    try:
-                        observer(body, more)
-                    except Exception:
-                        logger.exception("body observer raised", request_id=ctx.request_id)
+                original = message.get("headers") or []
+                message["headers"] = self._start(ctx, status, original, rid_header)
+            elif ctx.body_observers is not None and message["type"] == "http.response.body":
+                _observe(ctx, message)
             await send(message)
 
-        async def send_wrapper_inner(message: Message, original: Any) -> None:
-            status = message["status"]
-            headers = list(original)
-            headers.append(rid_header)
-            ctx.status = status
-            ctx.response_headers = original
-            ctx.response_started = True
-            ctx.t_first_byte = perf_counter()
-            if on_start:
-                host.call_sync("on_response_start", ctx, status, headers)
-            message["headers"] = headers
-            await send(message)
-
+        if not host.plugins:
+            # Nothing to run: the request id alone (the common "installed, all off" case).
+            await self.app(scope, receive, send_wrapper)
+            return
+        response = None
         try:
-            response = None
             if chains.get("before_request"):
                 response = await host.call_first("before_request", ctx)
-            ctx.t_admitted = perf_counter()
+                ctx.t_admitted = perf_counter()
             if response is None and chains.get("cache_lookup"):
                 response = await host.call_first("cache_lookup", ctx)
             if response is None and chains.get("gpu_allocate"):
@@ -158,30 +141,53 @@ class OverdriveMiddleware:
                     ctx.lease = result
                 else:
                     response = result
-            ctx.t_app = perf_counter()
             if response is not None:
                 await response(scope, receive, send_wrapper)
             else:
-                await self._call_app(ctx, scope, receive, send_wrapper, on_failure)
-                capture = ctx.capture
-                if (
-                    capture is not None
-                    and capture.complete
-                    and not replaced
-                    and ctx.status is not None
-                    and chains.get("cache_store")
-                ):
-                    captured = CapturedResponse(
-                        ctx.status, list(ctx.response_headers or ()), capture.body
-                    )
-                    await host.call_all("cache_store", ctx, captured)
+                ctx.t_app = perf_counter()
+                if ctx.timeout is None and not on_failure:
+                    await self.app(scope, receive, send_wrapper)
+                else:
+                    await self._call_app(ctx, scope, receive, send_wrapper, on_failure)
+                if ctx.capture is not None and not replaced:
+                    await self._store(ctx)
         except PluginFailure:
             # Already logged and counted; the client gets a 500 without the exception text.
             if not ctx.response_started:
                 await INTERNAL_ERROR(scope, receive, send_wrapper)
         finally:
-            ctx.t_end = perf_counter()
-            await self._finish(ctx)
+            if ctx.lease is not None or chains.get("after_request"):
+                ctx.t_end = perf_counter()
+                await self._finish(ctx)
+
+    def _start(
+        self,
+        ctx: RequestContext,
+        status: int,
+        original: Headers,
+        rid_header: tuple[bytes, bytes],
+    ) -> Headers:
+        """Record the response start on `ctx`; the headers to send (ours added)."""
+        headers = list(original)
+        headers.append(rid_header)
+        ctx.status = status
+        ctx.response_headers = original
+        ctx.response_started = True
+        ctx.t_first_byte = perf_counter()
+        if self.host.chains.get("on_response_start"):
+            self.host.call_sync("on_response_start", ctx, status, headers)
+        return headers
+
+    async def _store(self, ctx: RequestContext) -> None:
+        capture = ctx.capture
+        if (
+            capture is not None
+            and capture.complete
+            and ctx.status is not None
+            and self.host.chains.get("cache_store")
+        ):
+            captured = CapturedResponse(ctx.status, list(ctx.response_headers or ()), capture.body)
+            await self.host.call_all("cache_store", ctx, captured)
 
     async def _call_app(
         self,
@@ -286,3 +292,31 @@ class OverdriveMiddleware:
                 await host.cleanup()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _observe(ctx: RequestContext, message: Message) -> None:
+    body = message.get("body", b"")
+    more = message.get("more_body", False)
+    for observer in ctx.body_observers or ():
+        try:
+            observer(body, more)
+        except Exception:
+            logger.exception("body observer raised", request_id=ctx.request_id)
+
+
+class _FallbackSend:
+    """The send given to a fallback that replaces a failing (5xx) response."""
+
+    __slots__ = ("ctx", "rid_header", "send", "start")
+
+    def __init__(self, ctx: RequestContext, send: Send, start: Any) -> None:
+        self.ctx = ctx
+        self.send = send
+        self.start = start
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            rid = (self.start.__self__._rid_name, self.ctx.request_id.encode("ascii"))
+            original = message.get("headers") or []
+            message["headers"] = self.start(self.ctx, message["status"], original, rid)
+        await self.send(message)
