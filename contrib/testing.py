@@ -182,8 +182,12 @@ def check_plugin(plugin: Any) -> None:
     `PluginContractError` listing every problem.
     """
     problems: list[str] = []
-    name = plugin_name(plugin)
-    if not isinstance(getattr(plugin, "name", None), str) or not plugin.name:
+    try:
+        instance = plugin() if isinstance(plugin, type) else plugin
+    except Exception as exc:
+        raise PluginContractError(f"plugin {plugin!r} cannot be created: {exc}") from exc
+    name = plugin_name(instance)
+    if not isinstance(getattr(instance, "name", None), str) or not instance.name:
         problems.append("no `name` attribute: the host will call it by its class name")
     specs: dict[str, tuple[str, ...]] = {}
     for hook_name, fn in inspect.getmembers(hookspecs, inspect.isfunction):
@@ -215,15 +219,23 @@ def check_plugin(plugin: Any) -> None:
         if not (isinstance(settings_cls, type) and dataclasses.is_dataclass(settings_cls)):
             problems.append("Settings is not a dataclass")
         else:
+            defaults = {
+                f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
+                for f in dataclasses.fields(settings_cls)
+                if f.init
+                and (
+                    f.default is not dataclasses.MISSING
+                    or f.default_factory is not dataclasses.MISSING
+                )
+            }
             try:
-                validate_settings(settings_cls, {}, name)
+                validate_settings(settings_cls, defaults, name)
             except Exception as exc:
                 problems.append(f"Settings defaults do not validate: {exc}")
     # pluggy's own validation, on a scratch manager.
     pm = pluggy.PluginManager("overdrive")
     pm.add_hookspecs(hookspecs)
     try:
-        instance = plugin() if isinstance(plugin, type) else plugin
         pm.register(instance, name=name)
         pm.check_pending()
     except Exception as exc:

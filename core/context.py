@@ -91,6 +91,7 @@ class RequestContext:
         "policy",
         "queue_wait",
         "raw_headers",
+        "replaced",
         "request_id",
         "response_headers",
         "response_started",
@@ -123,6 +124,8 @@ class RequestContext:
         self.status: int | None = None
         self.response_headers: Headers | None = None
         self.response_started = False
+        # True once an on_failure fallback answered instead of the app.
+        self.replaced = False
         self.error: BaseException | None = None
         self.lease: Lease | None = None
         self.timeout: float | None = None  # seconds the app may run; set by a plugin

@@ -90,7 +90,9 @@ class Overdrive:
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            raise ConfigError(f"plugin {exc.plugin!r}: {exc}") from None
+            name = self.pm.get_name(exc.plugin) or repr(exc.plugin)
+            message = str(exc).replace(repr(exc.plugin), repr(name))
+            raise ConfigError(f"plugin {name!r}: {message}") from None
         self._base_settings = {
             name: info.obj.settings
             for name, info in self.plugins.items()
@@ -121,6 +123,8 @@ class Overdrive:
                 out[spec] = (d.load(), d.distribution, d.version)
             elif ":" in spec or "." in spec:
                 obj = import_path(spec)
+                if isinstance(obj, type):
+                    obj = _instantiate(spec, obj)
                 out[plugin_name(obj)] = (obj, "", "")
             else:
                 raise PluginLoadError(
@@ -138,10 +142,7 @@ class Overdrive:
         table = dict(table)
         flags = {key: table.pop(key) for key in _PLUGIN_FLAGS if key in table}
         if isinstance(obj, type):
-            try:
-                obj = obj()
-            except Exception as exc:
-                raise PluginLoadError(f"plugin {name!r} could not be created: {exc}") from exc
+            obj = _instantiate(name, obj)
         settings_cls = getattr(obj, "Settings", None)
         if settings_cls is not None and (table or getattr(obj, "settings", None) is None):
             obj.settings = validate_settings(settings_cls, table, name)
@@ -189,10 +190,14 @@ class Overdrive:
         self.routes = RouteTable(self._rules, self._base_settings)
         self._compile()
 
-    def add_routes(self, rules: Sequence[Mapping[str, Any]]) -> None:
-        """Add `[[routes]]`-shaped rules at run time (the FastAPI helpers do this)."""
+    def add_routes(self, rules: Sequence[Mapping[str, Any]], *, first: bool = False) -> None:
+        """Add `[[routes]]`-shaped rules at run time (endpoint policies do this).
+
+        With `first`, they go before the configured rules, so configuration wins.
+        """
         known = set(self.discovered) | set(self.plugins)
-        self._rules = self._rules + parse_rules(list(rules), known)
+        added = parse_rules(list(rules), known)
+        self._rules = added + self._rules if first else self._rules + added
         self.routes = RouteTable(self._rules, self._base_settings)
 
     def _compile(self) -> None:
@@ -251,7 +256,8 @@ class Overdrive:
                 t0 = perf_counter()
             try:
                 result = fn(*args)
-                if is_async:
+                # A sync def may return an awaitable too: awaited, so firstresult holds.
+                if is_async or (result is not None and inspect.isawaitable(result)):
                     result = await result
             except Exception as exc:
                 self.fault(info, hook, exc)
@@ -284,7 +290,8 @@ class Overdrive:
                 t0 = perf_counter()
             try:
                 result = fn(*args)
-                if is_async:
+                # A sync def may return an awaitable too: awaited, so firstresult holds.
+                if is_async or (result is not None and inspect.isawaitable(result)):
                     result = await result
             except Exception as exc:
                 self.fault(info, hook, exc)
@@ -443,6 +450,13 @@ class Overdrive:
             "hooks": hooks,
             "settings": {name: settings_as_dict(s) for name, s in policy.settings.items()},
         }
+
+
+def _instantiate(name: str, cls: type) -> Any:
+    try:
+        return cls()
+    except Exception as exc:
+        raise PluginLoadError(f"plugin {name!r} could not be created: {exc}") from exc
 
 
 def _record(timing: list[float], seconds: float) -> None:

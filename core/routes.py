@@ -19,6 +19,8 @@ from .errors import ConfigError
 from .settings import merge_settings
 
 _CACHE_LIMIT = 8192
+# Longer paths are matched but not remembered, so that a scanner cannot fill memory.
+_CACHEABLE_PATH = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +176,8 @@ class RouteTable:
             if self.rules[i].methods is None or method in self.rules[i].methods  # type: ignore[operator]
         )
         policy = self._policy_for(indices) if indices else self.default
-        if len(self._cache) >= _CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[key] = policy
+        if len(path) <= _CACHEABLE_PATH:
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[key] = policy
         return policy

@@ -73,6 +73,8 @@ def _describe(tp: Any) -> str:
     names = {int: "an integer", float: "a number", bool: "a boolean", str: "a string"}
     if tp in names:
         return names[tp]
+    if get_origin(tp) in (Union, types.UnionType):
+        return " or ".join("none" if a is type(None) else _describe(a) for a in get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -87,14 +89,13 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
             return None
         if isinstance(value, str) and value.lower() in ("none", "null", "") and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return coerce(arg, value, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
     if origin is Literal:
         allowed = get_args(tp)

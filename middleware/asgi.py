@@ -21,6 +21,7 @@ from overdrive.context import CapturedResponse, Lease, RequestContext
 from overdrive.errors import PluginFailure
 from overdrive.host import Overdrive
 
+from .endpoints import endpoint_rules, find_routes
 from .request_id import is_sane, new_request_id
 from .responses import GATEWAY_TIMEOUT, INTERNAL_ERROR, Message, Receive, Scope, Send
 
@@ -59,6 +60,16 @@ class OverdriveMiddleware:
         self.host = host if host is not None else Overdrive(config, plugins=plugins, env=env)
         self.host.state.setdefault("app", app)
         self._rid_name = self.host.settings.request_id_header.encode("latin-1")
+        self._prepared = False
+
+    async def _startup(self) -> None:
+        """Once: turn endpoint-declared policies into route rules, then start the host."""
+        if not self._prepared:
+            rules = endpoint_rules(find_routes(self.app))
+            if rules:
+                self.host.add_routes(rules, first=True)  # raises on a bad policy: no start
+            self._prepared = True
+        await self.host.initialize()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -74,7 +85,7 @@ class OverdriveMiddleware:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         host = self.host
         if not host.started:
-            await host.initialize()
+            await self._startup()
         if host._release_at:
             host.release_quarantine(perf_counter())
         every = host.settings.hook_timing_sample
@@ -102,20 +113,17 @@ class OverdriveMiddleware:
         scope["overdrive.ctx"] = ctx
         rid_header = (rid_name, request_id.encode("ascii"))
         on_failure = chains.get("on_failure")
-        # After a fallback replaced a failing response, the app's own messages are dropped.
-        replaced = False
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal replaced
-            if replaced:
-                return
+            if ctx.replaced:
+                return  # a fallback answered instead of the app: drop the app's messages
             if message["type"] == "http.response.start":
                 status = message["status"]
                 if status >= 500 and on_failure and not ctx.response_started:
                     ctx.status = status
                     fallback = await host.call_first("on_failure", ctx, None)
                     if fallback is not None:
-                        replaced = True
+                        ctx.replaced = True
                         await fallback(scope, receive, _FallbackSend(ctx, send, self._start))
                         return
                 original = message.get("headers") or []
@@ -149,7 +157,7 @@ class OverdriveMiddleware:
                     await self.app(scope, receive, send_wrapper)
                 else:
                     await self._call_app(ctx, scope, receive, send_wrapper, on_failure)
-                if ctx.capture is not None and not replaced:
+                if ctx.capture is not None and not ctx.replaced:
                     await self._store(ctx)
         except PluginFailure:
             # Already logged and counted; the client gets a 500 without the exception text.
@@ -213,6 +221,10 @@ class OverdriveMiddleware:
                 await (fallback or GATEWAY_TIMEOUT)(scope, receive, send)
         except Exception as exc:
             ctx.error = exc
+            if ctx.replaced:
+                # A fallback already answered the 5xx this exception produced.
+                logger.warning("app raised after a fallback answered", error=repr(exc))
+                return
             if not on_failure:
                 raise
             fallback = await host.call_first("on_failure", ctx, exc)
@@ -250,7 +262,7 @@ class OverdriveMiddleware:
             if message["type"] == "lifespan.startup":
                 seen_startup = True
                 try:
-                    await host.initialize()
+                    await self._startup()
                 except Exception as exc:
                     startup_error = exc
                     raise
@@ -265,7 +277,7 @@ class OverdriveMiddleware:
             await self.app(scope, lifespan_receive, lifespan_send)
         except BaseException as exc:
             if startup_error is not None:
-                await send({"type": "lifespan.startup.failed", "message": repr(startup_error)})
+                await send({"type": "lifespan.startup.failed", "message": str(startup_error)})
                 return
             if seen_startup:
                 await host.cleanup()
@@ -283,9 +295,9 @@ class OverdriveMiddleware:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
-                    await host.initialize()
+                    await self._startup()
                 except Exception as exc:
-                    await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":

@@ -1,0 +1,67 @@
+"""FastAPI helpers: endpoints think in endpoints, not path patterns.
+
+    from overdrive.contrib.fastapi import OverdriveContext, policy
+
+    @app.get("/thumbnails/{video_id}")
+    @policy(cache={"ttl": 3600})
+    async def thumbnail(video_id: str, ctx: OverdriveContext): ...
+
+`policy` declares per-plugin settings on the endpoint; at startup the
+middleware turns them into route rules from the app's own route templates
+(configured `[[routes]]` still win). The dependencies hand an endpoint the
+request's `RequestContext` (its GPU lease, request id, state) and the host.
+Works with plain Starlette routes too (the dependencies are FastAPI's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, HTTPException, Request
+
+from overdrive.context import RequestContext
+from overdrive.host import Overdrive
+from overdrive.middleware.endpoints import POLICY_ATTR
+
+__all__ = ["OverdriveContext", "OverdriveHost", "get_context", "get_host", "policy"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def policy(**plugins: Mapping[str, Any]) -> Callable[[F], F]:
+    """Declare per-plugin settings for this endpoint, as a `[[routes]]` rule would.
+
+    Each keyword is a plugin name and its table of settings, validated at
+    startup like configuration (an error names the key).
+    """
+    for name, table in plugins.items():
+        if not isinstance(table, Mapping):
+            raise TypeError(f"policy({name}=...): expected a dict of settings, got {table!r}")
+
+    def mark(endpoint: F) -> F:
+        merged = dict(getattr(endpoint, POLICY_ATTR, {}))
+        merged.update({name: dict(table) for name, table in plugins.items()})
+        setattr(endpoint, POLICY_ATTR, merged)
+        return endpoint
+
+    return mark
+
+
+def get_context(request: Request) -> RequestContext:
+    """The request's Overdrive context (a 500 naming the cause if the middleware is missing)."""
+    ctx = request.scope.get("overdrive.ctx")
+    if ctx is None:
+        raise HTTPException(500, "OverdriveMiddleware is not installed on this app")
+    return ctx
+
+
+def get_host(request: Request) -> Overdrive:
+    """The Overdrive host serving this request."""
+    host = get_context(request).host
+    assert host is not None
+    return host
+
+
+OverdriveContext = Annotated[RequestContext, Depends(get_context)]
+OverdriveHost = Annotated[Overdrive, Depends(get_host)]
