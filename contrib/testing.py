@@ -32,6 +32,7 @@ __all__ = [
     "HookRecorder",
     "PluginContractError",
     "check_plugin",
+    "find_host",
     "make_host",
     "serve",
 ]
@@ -70,10 +71,16 @@ async def serve(
     import httpx
     from asgi_lifespan import LifespanManager
 
-    if isinstance(app, OverdriveMiddleware):
-        wrapped = app
-    else:
-        wrapped = OverdriveMiddleware(app, host=host or make_host(*plugins, config=config))
+    has_own = isinstance(app, OverdriveMiddleware) or any(
+        m.cls is OverdriveMiddleware for m in getattr(app, "user_middleware", ())
+    )
+    if has_own and (plugins or config is not None or host is not None):
+        raise TypeError("this app already has an OverdriveMiddleware; pass no plugins/config/host")
+    wrapped = (
+        app
+        if has_own
+        else OverdriveMiddleware(app, host=host or make_host(*plugins, config=config))
+    )
     transport = httpx.ASGITransport(app=wrapped, raise_app_exceptions=raise_app_exceptions)
     async with AsyncExitStack() as stack:
         if lifespan:
@@ -83,7 +90,20 @@ async def serve(
         client = await stack.enter_async_context(
             httpx.AsyncClient(transport=transport, base_url=base_url)
         )
-        yield Harness(wrapped, wrapped.host, client)
+        if not lifespan and has_own:
+            await client.get("/__overdrive_warmup__")  # builds the app's middleware stack
+        yield Harness(wrapped, find_host(wrapped), client)
+
+
+def find_host(app: Any, depth: int = 32) -> Overdrive:
+    """The host of the OverdriveMiddleware in `app`'s middleware stack."""
+    for _ in range(depth):
+        if isinstance(app, OverdriveMiddleware):
+            return app.host
+        app = getattr(app, "middleware_stack", None) or getattr(app, "app", None)
+        if app is None:
+            break
+    raise LookupError("no OverdriveMiddleware found in this app")
 
 
 class HookRecorder:
