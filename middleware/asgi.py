@@ -88,21 +88,19 @@ class OverdriveMiddleware:
             await self._startup()
         if host._release_at:
             host.release_quarantine(perf_counter())
-        every = host.settings.hook_timing_sample
-        if every:
-            host._ticks += 1
-            host.timed = host._ticks % every == 0
         chains = host.chains
         rid_name = self._rid_name
 
-        request_id = None
+        request_id = rid_value = None
         for name, value in scope.get("headers") or ():
             if name == rid_name:
                 if is_sane(value):
                     request_id = value.decode("ascii")
+                    rid_value = value
                 break
         if request_id is None:
             request_id = new_request_id()
+            rid_value = request_id.encode("ascii")
         routes = host.routes
         policy = (
             routes.lookup(scope.get("method", "GET"), scope.get("path", "/"))
@@ -111,8 +109,9 @@ class OverdriveMiddleware:
         )
         ctx = RequestContext(scope, request_id, policy, host)
         scope["overdrive.ctx"] = ctx
-        rid_header = (rid_name, request_id.encode("ascii"))
+        rid_header = (rid_name, rid_value)
         on_failure = chains.get("on_failure")
+        on_start = chains.get("on_response_start")
 
         async def send_wrapper(message: Message) -> None:
             if ctx.replaced:
@@ -126,8 +125,17 @@ class OverdriveMiddleware:
                         ctx.replaced = True
                         await fallback(scope, receive, _FallbackSend(ctx, send, self._start))
                         return
+                # Inlined (not self._start): this runs once per response.
                 original = message.get("headers") or []
-                message["headers"] = self._start(ctx, status, original, rid_header)
+                headers = list(original)
+                headers.append(rid_header)
+                ctx.status = status
+                ctx.response_headers = original
+                ctx.response_started = True
+                ctx.t_first_byte = perf_counter()
+                if on_start:
+                    host.call_sync("on_response_start", ctx, status, headers)
+                message["headers"] = headers
             elif ctx.body_observers is not None and message["type"] == "http.response.body":
                 _observe(ctx, message)
             await send(message)
@@ -136,6 +144,10 @@ class OverdriveMiddleware:
             # Nothing to run: the request id alone (the common "installed, all off" case).
             await self.app(scope, receive, send_wrapper)
             return
+        every = host.settings.hook_timing_sample
+        if every:
+            host._ticks += 1
+            host.timed = host._ticks % every == 0
         response = None
         try:
             if chains.get("before_request"):

@@ -14,7 +14,7 @@ import os
 _ALLOWED = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.:@+=/"
 MAX_LENGTH = 128
 
-_prefix = os.urandom(6).hex()
+_prefix = os.urandom(6).hex() + "-"
 _counter = itertools.count(1)
 
 
@@ -24,13 +24,13 @@ def is_sane(value: bytes) -> bool:
 
 
 def new_request_id() -> str:
-    return f"{_prefix}-{next(_counter):x}"
+    return _prefix + format(next(_counter), "x")
 
 
 def reseed() -> None:
     """A fresh prefix, for a forked worker that inherited its parent's."""
     global _prefix, _counter
-    _prefix = os.urandom(6).hex()
+    _prefix = os.urandom(6).hex() + "-"
     _counter = itertools.count(1)
 
 
