@@ -77,33 +77,42 @@ class RequestContext:
     response; `error` holds the exception or timeout that `on_failure` saw.
     """
 
+    # The attributes every request writes live in slots. The rarely written ones
+    # are class-level defaults, stored in the instance __dict__ only when a plugin
+    # sets them, so a request pays for what its plugins use.
     __slots__ = (
-        "_headers",
-        "_state",
-        "body_observers",
-        "cache_status",
-        "capture",
-        "error",
+        "__dict__",
         "host",
-        "lease",
         "method",
         "path",
         "policy",
-        "queue_wait",
         "raw_headers",
-        "replaced",
         "request_id",
         "response_headers",
         "response_started",
         "scope",
         "status",
-        "t_admitted",
-        "t_app",
         "t_end",
         "t_first_byte",
         "t_start",
-        "timeout",
     )
+
+    _headers: dict[str, str] | None = None
+    _state: dict[str, Any] | None = None
+    #: True once an on_failure fallback answered instead of the app.
+    replaced: bool = False
+    error: BaseException | None = None
+    lease: Lease | None = None
+    #: Seconds the app may run (set by a plugin in before_request); then 504.
+    timeout: float | None = None
+    capture: Capture | None = None
+    body_observers: list[BodyObserver] | None = None
+    #: HIT, MISS, STALE, BYPASS: set by the cache plugin, read by logs and metrics.
+    cache_status: str | None = None
+    #: Seconds spent waiting in queues (concurrency limit, GPU admission).
+    queue_wait: float = 0.0
+    t_admitted: float = 0.0
+    t_app: float = 0.0
 
     def __init__(
         self,
@@ -119,23 +128,10 @@ class RequestContext:
         self.request_id = request_id
         self.policy = policy
         self.host = host
-        self._headers: dict[str, str] | None = None
-        self._state: dict[str, Any] | None = None
         self.status: int | None = None
         self.response_headers: Headers | None = None
         self.response_started = False
-        # True once an on_failure fallback answered instead of the app.
-        self.replaced = False
-        self.error: BaseException | None = None
-        self.lease: Lease | None = None
-        self.timeout: float | None = None  # seconds the app may run; set by a plugin
-        self.capture: Capture | None = None
-        self.body_observers: list[BodyObserver] | None = None
-        self.cache_status: str | None = None
-        self.queue_wait = 0.0
         self.t_start = perf_counter()
-        self.t_admitted = 0.0
-        self.t_app = 0.0
         self.t_first_byte = 0.0
         self.t_end = 0.0
 

@@ -12,8 +12,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_wheel_has_one_top_level_package(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
         capture_output=True,
     )
@@ -24,8 +34,10 @@ def test_wheel_has_one_top_level_package(tmp_path: Path) -> None:
     assert "overdrive/py.typed" in names
     for sub in ("middleware", "plugins", "contrib"):
         assert f"overdrive/{sub}/__init__.py" in names
-    entry_points = zipfile.ZipFile(wheel).read(
-        next(n for n in names if n.endswith("entry_points.txt"))
-    ).decode()
+    entry_points = (
+        zipfile.ZipFile(wheel)
+        .read(next(n for n in names if n.endswith("entry_points.txt")))
+        .decode()
+    )
     assert "[overdrive.plugins]" in entry_points or "overdrive.plugins" not in entry_points
     assert "overdrive = overdrive.cli:main" in entry_points
