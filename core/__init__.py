@@ -1,5 +1,8 @@
 """Overdrive: a pluggy plugin host and one pure-ASGI middleware for slow, GPU-bound APIs."""
 
+# Dynamic batching is a decorator, not a plugin: `@overdrive.batch(...)`.
+from overdrive.plugins.batching import batch
+
 from .config import HostSettings, PluginFlags
 from .context import Capture, CapturedResponse, Lease, Operation, RequestContext
 from .errors import (
@@ -42,6 +45,7 @@ __all__ = [
     "RoutePolicy",
     "RouteRule",
     "__version__",
+    "batch",
     "hookimpl",
     "hookspec",
 ]

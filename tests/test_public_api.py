@@ -27,6 +27,7 @@ def test_all_is_sorted_and_pinned() -> None:
         "RoutePolicy",
         "RouteRule",
         "__version__",
+        "batch",
         "hookimpl",
         "hookspec",
     ]
