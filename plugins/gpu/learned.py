@@ -34,15 +34,18 @@ class LearnedSizes:
         self._samples: dict[str, deque[int]] = {}
         self._estimate: dict[str, int] = {}
 
-    def record(self, key: str, nbytes: int) -> None:
+    def record(self, key: str, nbytes: int, settings: Any = None) -> None:
+        """Add a sample; `settings` (a route's) may override percentile, headroom, min samples."""
         samples = self._samples.get(key)
         if samples is None:
             samples = self._samples[key] = deque(maxlen=self.window)
         samples.append(max(0, int(nbytes)))
-        if len(samples) >= self.min_samples:
+        percentile = getattr(settings, "auto_percentile", self.percentile)
+        headroom = getattr(settings, "auto_headroom", self.headroom)
+        if len(samples) >= getattr(settings, "auto_min_samples", self.min_samples):
             ordered = sorted(samples)
-            rank = max(0, math.ceil(self.percentile / 100.0 * len(ordered)) - 1)
-            self._estimate[key] = int(ordered[rank] * self.headroom)
+            rank = max(0, math.ceil(percentile / 100.0 * len(ordered)) - 1)
+            self._estimate[key] = int(ordered[rank] * headroom)
 
     def estimate(self, key: str) -> int | None:
         """Bytes to admit a request of `key` by, or None while there are too few samples."""

@@ -311,7 +311,7 @@ class GPUPlugin(Plugin):
         if self.probe is not None and "at_start" in lease.extra:
             peak = self.probe.finish(grant.device, lease.extra["at_start"])
             if self.learned is not None and ctx.error is None:
-                self.learned.record(lease.extra["route"], peak)
+                self.learned.record(lease.extra["route"], peak, ctx.settings(self.name))
         try:
             await self.admission.release(grant)
         except Exception as exc:  # Redis gone: the lease lapses after lease_ttl
