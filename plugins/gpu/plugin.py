@@ -196,6 +196,11 @@ class GPUPlugin(Plugin):
     @hookimpl
     async def overdrive_startup(self, host: Any) -> None:
         loop = asyncio.get_running_loop()
+        if self.admission is not None and self.admission.budgets:
+            # A first figure for stats; measured again at the first admission, after
+            # the app's own startup has loaded its models.
+            await asyncio.to_thread(self.measure_budgets)
+            self._measured = False
         if self._ledger is not None:
             self._tasks.append(loop.create_task(self._heartbeat()))
         if self.settings.refresh_interval > 0 and self.admission and self.admission.budgets:
