@@ -21,8 +21,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import overdrive
 import torch
+
+import overdrive
 
 CLIENTS = 64
 CALLS = int(sys.argv[1]) if len(sys.argv) > 1 else 40

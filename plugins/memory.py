@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import psutil
+
 from overdrive import ConfigError, Plugin, hookimpl
 
 __all__ = [

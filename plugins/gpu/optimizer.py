@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -31,11 +32,25 @@ class GPUUnavailableError(RuntimeError):
     """A GPU operation was asked for where there is no CUDA device (or no torch)."""
 
 
+def import_torch() -> Any:
+    """torch, or None when it is not installed.
+
+    Its import-time warnings (a CPU build without NumPy warns) are not ours to
+    raise: they are silenced for the import only.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import torch
+    except ImportError:
+        return None
+    return torch
+
+
 def _torch_cuda() -> Any:
     """torch when it is importable and sees a CUDA device, else None."""
-    try:
-        import torch
-    except ImportError:
+    torch = import_torch()
+    if torch is None:
         return None
     try:
         return torch if torch.cuda.is_available() else None
@@ -211,8 +226,4 @@ class GPUOptimizer:
 
 
 def _has_torch() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return import_torch() is not None

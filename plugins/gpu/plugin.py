@@ -19,7 +19,7 @@ from overdrive import ConfigError, Lease, Plugin, hookimpl
 from .admission import Admission, AdmissionRejected, RedisLedger
 from .backends import MB, DeviceBackend, SimulatedBackend, open_backend
 from .learned import LearnedSizes, PeakProbe
-from .optimizer import GPUOptimizer
+from .optimizer import GPUOptimizer, import_torch
 
 __all__ = ["GPUPlugin", "GPUSettings", "Unavailable"]
 
@@ -168,13 +168,9 @@ class GPUPlugin(Plugin):
         if isinstance(self.backend, SimulatedBackend):
             self.probe = PeakProbe(self.backend)
         elif count:
-            try:
-                import torch
-
-                if torch.cuda.is_available():
-                    self.probe = PeakProbe(torch.cuda)
-            except ImportError:
-                pass
+            torch = import_torch()
+            if torch is not None and torch.cuda.is_available():
+                self.probe = PeakProbe(torch.cuda)
         if s.redis_url is not None:
             from redis.asyncio import Redis
 

@@ -6,12 +6,13 @@ import asyncio
 from typing import Any
 
 import pytest
-from overdrive.contrib.testing import serve
-from overdrive.plugins.gpu import GPUOptimizer, GPUPlugin, NVMLBackend, open_backend
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+from overdrive.contrib.testing import serve
+from overdrive.plugins.gpu import GPUOptimizer, GPUPlugin, NVMLBackend, open_backend
 
 MB = 2**20
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 import overdrive
 import overdrive.plugins.batching as batching_mod
-import pytest
 from overdrive.plugins.batching import BatchError, batch
 
 

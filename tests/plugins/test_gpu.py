@@ -6,8 +6,13 @@ import asyncio
 import random
 from typing import Any
 
-import overdrive.plugins.gpu as gpu_mod
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+
+import overdrive.plugins.gpu as gpu_mod
 from overdrive import ConfigError, hookimpl
 from overdrive.contrib.testing import check_plugin, make_host, serve
 from overdrive.middleware import OverdriveMiddleware
@@ -23,10 +28,6 @@ from overdrive.plugins.gpu import (
     open_backend,
     place,
 )
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse
-from starlette.routing import Route
 
 MB = 2**20
 GB = 1024 * MB

@@ -9,8 +9,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import overdrive.plugins.memory as memory_mod
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+import overdrive.plugins.memory as memory_mod
 from overdrive import ConfigError, hookimpl
 from overdrive.contrib.testing import check_plugin, make_host, serve
 from overdrive.plugins.memory import (
@@ -19,10 +24,6 @@ from overdrive.plugins.memory import (
     malloc_trim,
     read_cgroup_memory,
 )
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse
-from starlette.routing import Route
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "cgroup"
 MiB = 2**20
