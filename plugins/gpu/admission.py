@@ -280,6 +280,7 @@ class Admission:
         self.shared = not isinstance(self.ledger, LocalLedger)
         self.poll_interval = poll_interval
         self.queue: deque[_Waiter] = deque()
+        self.held = [0] * len(self.budgets)
         self.stats = AdmissionStats(peak_reserved=[0] * len(self.budgets))
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
@@ -287,11 +288,8 @@ class Admission:
 
     @property
     def reserved(self) -> list[int]:
-        """Bytes this process holds per device (all workers' with a shared ledger: see `used`)."""
-        ledger = self.ledger
-        if isinstance(ledger, LocalLedger):
-            return list(ledger.reserved)
-        return [0] * len(self.budgets)
+        """Bytes this process holds per device (every worker's, with Redis: see `used`)."""
+        return list(self.held)
 
     def _reject(self, reason: str) -> AdmissionRejected:
         return AdmissionRejected(reason, self.retry_after)
@@ -363,9 +361,9 @@ class Admission:
         st.wait_total += waited
         if waited > st.wait_max:
             st.wait_max = waited
-        reserved = self.reserved
-        if reserved[device] > st.peak_reserved[device]:
-            st.peak_reserved[device] = reserved[device]
+        self.held[device] += nbytes
+        if self.held[device] > st.peak_reserved[device]:
+            st.peak_reserved[device] = self.held[device]
         return Grant(device, nbytes, lease_id, waited)
 
     async def release(self, grant: Grant) -> bool:
@@ -375,6 +373,7 @@ class Admission:
             return False
         grant.released = True
         self.stats.released += 1
+        self.held[grant.device] -= grant.nbytes
         try:
             await self.ledger.release(grant.lease_id, grant.device, grant.nbytes)
         finally:

@@ -242,7 +242,10 @@ class GPUPlugin(Plugin):
         while True:
             await asyncio.sleep(self.settings.lease_ttl / 3)
             try:
-                await self._ledger.renew()
+                held = len(self._ledger.mine)
+                renewed = await self._ledger.renew()
+                if renewed < held:
+                    logger.warning("gpu: %d lease(s) had lapsed in Redis", held - renewed)
             except Exception as exc:
                 logger.warning("gpu: could not renew leases in Redis: %s", exc)
 
