@@ -1,0 +1,670 @@
+"""`ConnectionPoolManager`: named database, Redis and HTTP pools, and their figures.
+
+Why it exists: an endpoint must never open a connection per request. The pools
+themselves are the libraries' own (SQLAlchemy's `AsyncAdaptedQueuePool`,
+redis-py's `BlockingConnectionPool`, aiohttp's `TCPConnector`); this module
+creates them with safe defaults (pre-ping, bounded waits, connect timeouts),
+counts what the libraries do not (waits, timeouts, failures, health) and turns
+"pool exhausted" and "service gone" into errors that name the pool.
+
+The drivers are optional extras, so each is imported only when a pool of its
+kind is created.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+logger = structlog.get_logger("overdrive.pools")
+
+__all__ = [
+    "DEFAULT_DATABASE_URL",
+    "ConnectionPoolManager",
+    "PoolError",
+    "PoolExhausted",
+    "PoolFigures",
+    "is_exhausted",
+    "pool_of",
+]
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///:memory:"
+_POOL_ATTR = "overdrive_pool"  # set on exceptions raised through a pool: which pool
+_EXHAUSTED_ATTR = "overdrive_pool_exhausted"  # set where the library's own error says less
+
+
+class PoolError(Exception):
+    """Base of the errors this module raises (always names the pool)."""
+
+
+class PoolExhausted(PoolError):
+    """Every connection of a pool stayed checked out for the whole wait.
+
+    The concrete class raised also derives from the library's own error
+    (``sqlalchemy.exc.TimeoutError``, ``redis.exceptions.ConnectionError``), so
+    code written against the library still catches it.
+    """
+
+
+_EXHAUSTED: dict[type, type] = {}
+
+
+def _exhausted(base: type[BaseException], message: str, pool: str) -> BaseException:
+    cls = _EXHAUSTED.get(base)
+    if cls is None:
+        library = base.__module__.split(".")[0].title()  # Sqlalchemy, Redis
+        cls = type(f"{library}PoolExhausted", (PoolExhausted, base), {})
+        cls.__module__ = __name__
+        _EXHAUSTED[base] = cls
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    setattr(err, _POOL_ATTR, pool)
+    return err
+
+
+def pool_of(error: BaseException | None) -> str | None:
+    """The name of the pool an error came through (following causes), or None."""
+    seen = 0
+    while error is not None and seen < 8:
+        name = getattr(error, _POOL_ATTR, None)
+        if name is not None:
+            return str(name)
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return None
+
+
+def is_exhausted(error: BaseException | None) -> bool:
+    """True when `error` (or a cause) says a pool stayed exhausted for its whole wait."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, PoolExhausted) or getattr(error, _EXHAUSTED_ATTR, False):
+            return True
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return False
+
+
+def _tag(error: BaseException | None, name: str) -> None:
+    if error is not None:
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(error, _POOL_ATTR, name)
+
+
+def _redact(url: str) -> str:
+    """The URL with its password replaced, for logs and stats."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+
+
+@dataclass
+class PoolFigures:
+    """What we count for one pool beyond what the library reports."""
+
+    waits: int = 0  # checkouts that found no free connection and had to wait
+    wait_seconds: float = 0.0
+    timeouts: int = 0  # waits that ended in PoolExhausted
+    errors: int = 0  # connection failures (refused, reset, disconnect)
+    recoveries: int = 0  # times the pool came back after being down
+    healthy: bool = True
+    last_error: str | None = None
+    down_since: float | None = None  # wall-clock time of the first failure in a row
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def failed(self, pool: str, error: BaseException | str) -> None:
+        self.errors += 1
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        self.last_error = text[:300]
+        if self.healthy:
+            self.healthy = False
+            self.down_since = time.time()
+            logger.warning("pool unavailable", pool=pool, error=self.last_error)
+
+    def succeeded(self, pool: str) -> None:
+        if not self.healthy:
+            self.healthy = True
+            self.recoveries += 1
+            down = time.time() - (self.down_since or time.time())
+            self.down_since = None
+            logger.info("pool recovered", pool=pool, down_seconds=round(down, 3))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "waits": self.waits,
+            "wait_seconds": round(self.wait_seconds, 6),
+            "timeouts": self.timeouts,
+            "errors": self.errors,
+            "recoveries": self.recoveries,
+            "healthy": self.healthy,
+            "last_error": self.last_error,
+            "down_since": self.down_since,
+        }
+
+
+@dataclass
+class _Entry:
+    name: str
+    kind: str  # "database" | "redis" | "http"
+    pool: Any  # what create_* returned: AsyncEngine, Redis client, ClientSession
+    figures: PoolFigures
+    info: dict[str, Any]
+
+
+class ConnectionPoolManager:
+    """Named pools of three kinds; ``pools`` maps each name to what `create_*` returned.
+
+    ::
+
+        manager = ConnectionPoolManager()
+        engine = await manager.create_database_pool("main_db", url, pool_size=20)
+        redis = await manager.create_redis_pool("cache", "redis://localhost:6379")
+        http = await manager.create_http_pool("api", "https://api.example.com")
+        stats = await manager.get_pool_stats("main_db")
+        await manager.close_all()
+    """
+
+    def __init__(self) -> None:
+        self.pools: dict[str, Any] = {}
+        self._entries: dict[str, _Entry] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        return self.pools[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.pools
+
+    def get(self, name: str) -> Any:
+        """The pool called `name`; KeyError naming the known pools otherwise."""
+        try:
+            return self.pools[name]
+        except KeyError:
+            raise KeyError(
+                f"no pool named {name!r}; known: {', '.join(sorted(self.pools)) or '(none)'}"
+            ) from None
+
+    def _claim(self, name: str) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"pool name: expected a non-empty string, got {name!r}")
+        if name in self.pools:
+            raise ValueError(f"a pool named {name!r} exists already; close it first")
+
+    @staticmethod
+    def _positive(what: str, value: Any, minimum: int = 1) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{what}: expected an integer >= {minimum}, got {value!r}")
+
+    # -- databases ---------------------------------------------------------------
+
+    async def create_database_pool(
+        self,
+        name: str,
+        url: str = DEFAULT_DATABASE_URL,
+        pool_size: int = 5,
+        max_overflow: int = 10,
+        *,
+        pool_timeout: float = 30.0,
+        connect_timeout: float = 5.0,
+        pool_recycle: float = 1800.0,
+        **engine_kwargs: Any,
+    ) -> Any:
+        """A SQLAlchemy `AsyncEngine` with a counted queue pool and ``pool_pre_ping``.
+
+        `url` is ``postgresql+asyncpg://...`` in production; the default is an
+        in-memory SQLite (aiosqlite) database, which SQLAlchemy serves from one
+        shared connection (a pool of one). A checkout that waits longer than
+        `pool_timeout` raises `PoolExhausted`; a connection attempt is bounded
+        by `connect_timeout`.
+        """
+        from sqlalchemy import event
+        from sqlalchemy import exc as sa_exc
+        from sqlalchemy.ext.asyncio import create_async_engine
+        from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
+
+        self._claim(name)
+        self._positive(f"pool {name!r}: pool_size", pool_size)
+        self._positive(f"pool {name!r}: max_overflow", max_overflow, 0)
+        if pool_timeout <= 0 or connect_timeout <= 0:
+            raise ValueError(f"pool {name!r}: pool_timeout and connect_timeout must be > 0")
+        figures = PoolFigures()
+        kwargs: dict[str, Any] = {"pool_pre_ping": True, **engine_kwargs}
+        memory_sqlite = url.startswith("sqlite") and (":memory:" in url or url.endswith("://"))
+        connect_args = dict(kwargs.pop("connect_args", {}) or {})
+        if url.startswith("postgresql+asyncpg") or url.startswith("sqlite"):
+            connect_args.setdefault("timeout", connect_timeout)
+        if connect_args:
+            kwargs["connect_args"] = connect_args
+        if memory_sqlite:
+            # Every connection to :memory: is a new empty database: share one.
+            kwargs.setdefault("poolclass", StaticPool)
+            size, overflow = 1, 0
+        else:
+            counted = type(
+                "CountedQueuePool",
+                (AsyncAdaptedQueuePool,),
+                {"_do_get": _counted_do_get(name, figures, sa_exc.TimeoutError)},
+            )
+            kwargs.setdefault("poolclass", counted)
+            kwargs.update(
+                pool_size=pool_size,
+                max_overflow=max_overflow,
+                pool_timeout=pool_timeout,
+                pool_recycle=pool_recycle,
+            )
+            size, overflow = pool_size, max_overflow
+        engine = create_async_engine(url, **kwargs)
+        sync_engine = engine.sync_engine
+
+        @event.listens_for(sync_engine, "handle_error")
+        def _on_error(context: Any) -> None:
+            if context.is_disconnect or context.connection is None:
+                figures.failed(name, context.original_exception)
+            _tag(context.sqlalchemy_exception, name)
+            _tag(context.original_exception, name)
+
+        @event.listens_for(sync_engine, "do_connect")
+        def _connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
+            # Connect errors (refused, reset) reach the caller unwrapped by SQLAlchemy
+            # and skip handle_error; count and tag them here.
+            try:
+                return dialect.connect(*cargs, **cparams)
+            except Exception as exc:
+                figures.failed(name, exc)
+                _tag(exc, name)
+                raise
+
+        @event.listens_for(sync_engine.pool, "connect")
+        def _on_connect(dbapi_connection: Any, record: Any) -> None:
+            figures.succeeded(name)
+
+        self.pools[name] = engine
+        self._entries[name] = _Entry(
+            name,
+            "database",
+            engine,
+            figures,
+            {"url": _redact(url), "pool_size": size, "max_overflow": overflow},
+        )
+        return engine
+
+    # -- Redis ---------------------------------------------------------------------
+
+    async def create_redis_pool(
+        self,
+        name: str,
+        url: str = "redis://127.0.0.1:6379/0",
+        max_connections: int = 50,
+        *,
+        timeout: float = 20.0,
+        socket_timeout: float = 5.0,
+        connect_timeout: float = 2.0,
+        **client_kwargs: Any,
+    ) -> Any:
+        """A `redis.asyncio.Redis` client on a counted `BlockingConnectionPool`.
+
+        At most `max_connections` connections; a command that finds them all
+        busy waits up to `timeout` seconds, then raises `PoolExhausted`.
+        """
+        from redis.asyncio import BlockingConnectionPool, Redis
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+        from redis.retry import Retry
+
+        self._claim(name)
+        self._positive(f"pool {name!r}: max_connections", max_connections)
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"pool {name!r}: timeout must be > 0 (or None to wait forever)")
+        figures = PoolFigures()
+        pool_cls = type(
+            "CountedBlockingConnectionPool",
+            (BlockingConnectionPool,),
+            {
+                "get_connection": _counted_get_connection(
+                    name, figures, (RedisConnectionError, RedisTimeoutError, OSError)
+                )
+            },
+        )
+        client_kwargs.setdefault("retry", Retry(NoBackoff(), 1))
+        pool = pool_cls.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout,
+            **client_kwargs,
+        )
+        counted_redis = type(
+            "CountedRedis",
+            (Redis,),
+            {
+                "execute_command": _counted_execute_command(
+                    name, figures, (RedisConnectionError, RedisTimeoutError, OSError)
+                )
+            },
+        )
+        client = counted_redis.from_pool(pool)
+        self.pools[name] = client
+        self._entries[name] = _Entry(
+            name,
+            "redis",
+            client,
+            figures,
+            {"url": _redact(url), "max_connections": max_connections, "timeout": timeout},
+        )
+        return client
+
+    # -- HTTP ----------------------------------------------------------------------
+
+    async def create_http_pool(
+        self,
+        name: str,
+        base_url: str | None = None,
+        connection_limit: int = 100,
+        limit_per_host: int = 30,
+        *,
+        timeout: float = 30.0,
+        pool_timeout: float = 10.0,
+        **session_kwargs: Any,
+    ) -> Any:
+        """An `aiohttp.ClientSession` on a `TCPConnector(limit, limit_per_host)`.
+
+        Relative paths resolve against `base_url`. Waiting for a free connection
+        and connecting together are bounded by `pool_timeout` (aiohttp's
+        ``connect`` timeout); the whole request by `timeout`.
+        """
+        import aiohttp
+
+        self._claim(name)
+        self._positive(f"pool {name!r}: connection_limit", connection_limit)
+        self._positive(f"pool {name!r}: limit_per_host", limit_per_host, 0)
+        figures = PoolFigures()
+        state = {"in_flight": 0}
+        trace = aiohttp.TraceConfig()
+
+        async def queued_start(session: Any, trace_ctx: Any, params: Any) -> None:
+            figures.waits += 1
+            trace_ctx.queued_at = time.perf_counter()
+
+        async def queued_end(session: Any, trace_ctx: Any, params: Any) -> None:
+            figures.wait_seconds += time.perf_counter() - trace_ctx.queued_at
+            trace_ctx.queued_at = None
+
+        async def request_start(session: Any, trace_ctx: Any, params: Any) -> None:
+            trace_ctx.queued_at = None
+            trace_ctx.acquired = False
+
+        async def acquired(session: Any, trace_ctx: Any, params: Any) -> None:
+            if not getattr(trace_ctx, "acquired", True):
+                trace_ctx.acquired = True
+                state["in_flight"] += 1
+
+        def release(trace_ctx: Any) -> None:
+            if getattr(trace_ctx, "acquired", False):
+                trace_ctx.acquired = False
+                state["in_flight"] -= 1
+
+        async def request_end(session: Any, trace_ctx: Any, params: Any) -> None:
+            release(trace_ctx)
+            figures.succeeded(name)
+
+        async def request_exception(session: Any, trace_ctx: Any, params: Any) -> None:
+            release(trace_ctx)
+            error = params.exception
+            _tag(error, name)
+            queued_at = getattr(trace_ctx, "queued_at", None)
+            if queued_at is not None:
+                figures.wait_seconds += time.perf_counter() - queued_at
+                figures.timeouts += 1
+                with contextlib.suppress(AttributeError, TypeError):
+                    setattr(error, _EXHAUSTED_ATTR, True)
+            elif isinstance(error, aiohttp.ClientConnectionError | OSError):
+                figures.failed(name, error)
+
+        trace.on_connection_queued_start.append(queued_start)
+        trace.on_connection_queued_end.append(queued_end)
+        trace.on_request_start.append(request_start)
+        trace.on_connection_create_end.append(acquired)
+        trace.on_connection_reuseconn.append(acquired)
+        trace.on_request_end.append(request_end)
+        trace.on_request_exception.append(request_exception)
+        connector = aiohttp.TCPConnector(limit=connection_limit, limit_per_host=limit_per_host)
+        session_kwargs.setdefault(
+            "timeout", aiohttp.ClientTimeout(total=timeout, connect=pool_timeout)
+        )
+        session = aiohttp.ClientSession(
+            base_url=base_url,
+            connector=connector,
+            trace_configs=[trace, *session_kwargs.pop("trace_configs", [])],
+            **session_kwargs,
+        )
+        self.pools[name] = session
+        self._entries[name] = _Entry(
+            name,
+            "http",
+            session,
+            figures,
+            {
+                "base_url": base_url,
+                "connection_limit": connection_limit,
+                "limit_per_host": limit_per_host,
+                "state": state,
+            },
+        )
+        return session
+
+    # -- figures, health, closing --------------------------------------------------
+
+    async def get_pool_stats(self, name: str) -> dict[str, Any]:
+        """Figures of one pool.
+
+        ``size`` is the pool's configured size (``pool_size``, ``max_connections``,
+        ``connection_limit``); ``checked_out`` the connections in use now;
+        ``free_size`` how many more can be handed out before the pool overflows
+        or makes callers wait (``size - checked_out``, never below 0), so
+        ``size == free_size`` means nothing is in use and ``free_size == 0`` that
+        the pool is at its size. ``idle`` counts open connections in the pool,
+        ``overflow`` those beyond ``size`` (databases only). ``waits``,
+        ``timeouts``, ``errors``, ``healthy`` and ``last_error`` come from our
+        counting.
+        """
+        entry = self._entries.get(name)
+        if entry is None:
+            self.get(name)  # raises the KeyError that lists the known pools
+            raise KeyError(name)  # pragma: no cover
+        stats: dict[str, Any] = {"name": name, "kind": entry.kind}
+        if entry.kind == "database":
+            stats.update(_database_figures(entry))
+        elif entry.kind == "redis":
+            stats.update(_redis_figures(entry))
+        else:
+            stats.update(_http_figures(entry))
+        stats["free_size"] = max(0, stats["size"] - stats["checked_out"])
+        stats.update(entry.figures.as_dict())
+        stats.update({k: v for k, v in entry.info.items() if k != "state"})
+        return stats
+
+    async def get_all_stats(self) -> dict[str, dict[str, Any]]:
+        return {name: await self.get_pool_stats(name) for name in list(self._entries)}
+
+    async def ping(self, name: str, timeout: float = 5.0) -> bool:
+        """One round trip through the pool; True when it worked. Never raises."""
+        import asyncio
+
+        entry = self._entries[name]
+        try:
+            async with asyncio.timeout(timeout):
+                if entry.kind == "database":
+                    from sqlalchemy import text
+
+                    async with entry.pool.connect() as conn:
+                        await conn.execute(text("SELECT 1"))
+                elif entry.kind == "redis":
+                    await entry.pool.ping()
+                else:
+                    return True  # an HTTP pool has no server of its own to ping
+        except Exception as exc:
+            entry.figures.failed(name, exc)
+            return False
+        entry.figures.succeeded(name)
+        return True
+
+    async def close(self, name: str) -> None:
+        """Close one pool and forget it."""
+        entry = self._entries.pop(name, None)
+        self.pools.pop(name, None)
+        if entry is None:
+            return
+        try:
+            if entry.kind == "database":
+                await entry.pool.dispose()
+            elif entry.kind == "redis":
+                await entry.pool.aclose()
+                await entry.pool.connection_pool.disconnect()
+            else:
+                await entry.pool.close()
+        except Exception as exc:  # closing must go on for the other pools
+            logger.warning("pool close failed", pool=name, error=f"{type(exc).__name__}: {exc}")
+
+    async def close_all(self) -> None:
+        """Close every pool (in reverse order of creation)."""
+        for name in reversed(list(self._entries)):
+            await self.close(name)
+
+
+# -- counting hooks into the libraries' pools ------------------------------------------
+
+
+def _counted_do_get(name: str, figures: PoolFigures, timeout_error: type) -> Any:
+    """A `_do_get` for a SQLAlchemy queue pool subclass that counts waits and timeouts."""
+
+    def _do_get(self: Any) -> Any:
+        base = type(self).__mro__[1]
+        must_wait = self.checkedin() == 0 and self.overflow() >= self._max_overflow
+        if not must_wait:
+            return base._do_get(self)
+        figures.waits += 1
+        t0 = time.perf_counter()
+        try:
+            return base._do_get(self)
+        except timeout_error as exc:
+            figures.timeouts += 1
+            raise _exhausted(
+                timeout_error,
+                f"pool {name!r} exhausted: all {self.size()} connections and "
+                f"{self._max_overflow} overflow stayed checked out for "
+                f"{self._timeout:g} s (pool_timeout); raise pool_size/max_overflow "
+                "or hold connections for less time",
+                name,
+            ) from exc
+        finally:
+            figures.wait_seconds += time.perf_counter() - t0
+
+    return _do_get
+
+
+def _counted_get_connection(name: str, figures: PoolFigures, failures: tuple[type, ...]) -> Any:
+    """A `get_connection` for a redis-py BlockingConnectionPool subclass."""
+
+    async def get_connection(self: Any, *args: Any, **kwargs: Any) -> Any:
+        base = type(self).__mro__[1]
+        must_wait = not self.can_get_connection()
+        t0 = time.perf_counter()
+        if must_wait:
+            figures.waits += 1
+        try:
+            conn = await base.get_connection(self, *args, **kwargs)
+        except failures as exc:
+            if must_wait and str(exc) == "No connection available.":
+                figures.timeouts += 1
+                raise _exhausted(
+                    type(exc),
+                    f"pool {name!r} exhausted: all {self.max_connections} connections stayed "
+                    f"in use for {self.timeout:g} s (timeout); raise max_connections or "
+                    "hold connections for less time",
+                    name,
+                ) from exc
+            figures.failed(name, exc)
+            _tag(exc, name)
+            raise
+        finally:
+            if must_wait:
+                figures.wait_seconds += time.perf_counter() - t0
+        return conn
+
+    return get_connection
+
+
+def _counted_execute_command(name: str, figures: PoolFigures, failures: tuple[type, ...]) -> Any:
+    """An `execute_command` for a redis client subclass: failures down, successes up."""
+
+    async def execute_command(self: Any, *args: Any, **options: Any) -> Any:
+        base = type(self).__mro__[1]
+        try:
+            result = await base.execute_command(self, *args, **options)
+        except failures as exc:
+            if not isinstance(exc, PoolExhausted) and pool_of(exc) is None:
+                figures.failed(name, exc)  # not yet counted by get_connection
+            _tag(exc, name)
+            raise
+        if not figures.healthy:
+            figures.succeeded(name)
+        return result
+
+    return execute_command
+
+
+def _database_figures(entry: _Entry) -> dict[str, Any]:
+    pool = entry.pool.sync_engine.pool
+    if hasattr(pool, "checkedout") and hasattr(pool, "_max_overflow"):
+        return {
+            "size": pool.size(),
+            "checked_out": pool.checkedout(),
+            "idle": pool.checkedin(),
+            "overflow": max(0, pool.overflow()),
+            "pool_class": type(pool).__mro__[1].__name__,
+        }
+    # StaticPool and friends: one connection, never counted out.
+    return {
+        "size": entry.info["pool_size"],
+        "checked_out": 0,
+        "idle": 1,
+        "overflow": 0,
+        "pool_class": type(pool).__name__,
+    }
+
+
+def _redis_figures(entry: _Entry) -> dict[str, Any]:
+    pool = entry.pool.connection_pool
+    in_use = len(getattr(pool, "_in_use_connections", ()))
+    idle = len(getattr(pool, "_available_connections", ()))
+    return {
+        "size": pool.max_connections,
+        "checked_out": in_use,
+        "idle": idle,
+        "overflow": 0,
+    }
+
+
+def _http_figures(entry: _Entry) -> dict[str, Any]:
+    session = entry.pool
+    connector = session.connector
+    in_flight = entry.info["state"]["in_flight"]
+    idle = 0
+    conns = getattr(connector, "_conns", None)
+    if isinstance(conns, dict):
+        idle = sum(len(v) for v in conns.values())
+    return {
+        "size": entry.info["connection_limit"],
+        "checked_out": in_flight,
+        "idle": idle,
+        "overflow": 0,
+        "closed": bool(session.closed),
+    }

@@ -1,0 +1,265 @@
+"""`AutoScaler` and `ScalingConfig`: grow and shrink a worker pool from its load.
+
+Why it exists: a fixed pool is either too small for a burst of renders or idle
+most of the day. Every `check_interval` the scaler measures, over the interval
+just past, the workers' utilization (busy worker-seconds over available
+worker-seconds) and the queue depth, and applies Kubernetes' HPA rule
+``desired = ceil(current * metric / target)`` with utilization as the metric,
+where queued jobs count as load waiting for a worker (as Celery's autoscale
+counts reserved jobs). The two thresholds form a dead band (HPA has a fixed
+10 % tolerance instead); cooldowns keep it from flapping. See docs/plugins/tasks.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, fields
+from typing import Any
+
+from overdrive import ConfigError
+
+from .processor import BackgroundTaskProcessor, logger
+
+__all__ = ["AutoScaler", "ScalingConfig", "ScalingDecision"]
+
+
+@dataclass
+class ScalingConfig:
+    """Bounds, thresholds and cooldowns. Fields may be changed while the scaler runs
+    (``auto_scaler.config.scale_up_threshold = 0.7``); each change is validated."""
+
+    min_workers: int = 1
+    max_workers: int = 10
+    scale_up_threshold: float = 0.8  # load per worker above which the pool grows
+    scale_down_threshold: float = 0.3  # load per worker below which it shrinks
+    check_interval: float = 1.0  # seconds between decisions
+    scale_up_cooldown: float = 5.0  # seconds after a scale-up before the next one
+    scale_down_cooldown: float = 30.0  # seconds after any change before a scale-down
+    scale_up_step: int | None = None  # most workers added at once (None: no limit)
+    scale_down_step: int | None = 1  # most workers removed at once (None: no limit)
+
+    def __post_init__(self) -> None:
+        _validate({f.name: getattr(self, f.name) for f in fields(self)})
+        object.__setattr__(self, "_ready", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_ready", False):
+            values = {f.name: getattr(self, f.name) for f in fields(self)}
+            if name not in values:
+                raise AttributeError(f"ScalingConfig has no setting {name!r}")
+            values[name] = value
+            _validate(values)
+        object.__setattr__(self, name, value)
+
+    def update(self, **changes: Any) -> None:
+        """Change several settings at once, validated together."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        unknown = sorted(set(changes) - set(values))
+        if unknown:
+            raise AttributeError(f"ScalingConfig has no setting {unknown[0]!r}")
+        values.update(changes)
+        _validate(values)
+        for name, value in changes.items():
+            object.__setattr__(self, name, value)
+
+
+def _validate(v: dict[str, Any]) -> None:
+    def fail(key: str, expected: str) -> None:
+        raise ConfigError(f"scaling.{key}: expected {expected}, got {v[key]!r}")
+
+    for key in ("min_workers", "max_workers"):
+        if isinstance(v[key], bool) or not isinstance(v[key], int) or v[key] < 1:
+            fail(key, "an integer >= 1")
+    if v["max_workers"] < v["min_workers"]:
+        fail("max_workers", f">= min_workers ({v['min_workers']})")
+    for key in ("scale_up_threshold", "scale_down_threshold"):
+        if isinstance(v[key], bool) or not isinstance(v[key], int | float) or not 0 < v[key] <= 1:
+            fail(key, "a number in (0, 1]")
+    if v["scale_down_threshold"] >= v["scale_up_threshold"]:
+        fail("scale_down_threshold", f"< scale_up_threshold ({v['scale_up_threshold']})")
+    if not isinstance(v["check_interval"], int | float) or v["check_interval"] <= 0:
+        fail("check_interval", "a number of seconds > 0")
+    for key in ("scale_up_cooldown", "scale_down_cooldown"):
+        if not isinstance(v[key], int | float) or v[key] < 0:
+            fail(key, "a number of seconds >= 0")
+    for key in ("scale_up_step", "scale_down_step"):
+        if v[key] is not None and (not isinstance(v[key], int) or v[key] < 1):
+            fail(key, "an integer >= 1 or None")
+
+
+@dataclass
+class ScalingDecision:
+    """One evaluation: what was measured and what the scaler chose."""
+
+    at: float
+    workers: int
+    desired: int
+    utilization: float
+    queue_depth: int
+    load: float  # busy workers (average over the interval) + queued jobs
+    reason: str
+
+
+class AutoScaler:
+    """Scales a `BackgroundTaskProcessor` between ``min_workers`` and ``max_workers``.
+
+    ::
+
+        auto_scaler = AutoScaler(ScalingConfig(min_workers=2, max_workers=10))
+        await auto_scaler.start()          # starts its own processor at min_workers
+        await auto_scaler.add_task(render, video_id="1")
+        auto_scaler.get_stats()["current_workers"]
+
+    Pass ``processor=`` to scale a processor you own instead.
+    """
+
+    def __init__(
+        self,
+        config: ScalingConfig | None = None,
+        processor: BackgroundTaskProcessor | None = None,
+    ) -> None:
+        self.config = config if config is not None else ScalingConfig()
+        self._owns = processor is None
+        self.processor = processor or BackgroundTaskProcessor(
+            max_workers=self.config.min_workers, name="autoscaled"
+        )
+        self._task: asyncio.Task[None] | None = None
+        self._mark: tuple[float, float, float] | None = None  # (time, busy, capacity)
+        self._last_up = -math.inf
+        self._last_change = -math.inf
+        self.scale_ups = 0
+        self.scale_downs = 0
+        self.last: ScalingDecision | None = None
+        self.decisions: deque[ScalingDecision] = deque(maxlen=256)
+
+    async def start(self) -> None:
+        """Start the processor (if this scaler owns it) and the decision loop."""
+        if self._task is not None:
+            return
+        c = self.config
+        if self._owns:
+            await self.processor.start(workers=c.min_workers)
+        elif not self.processor.running:
+            await self.processor.start()
+        workers = self.processor.workers
+        if workers < c.min_workers or workers > c.max_workers:
+            self.processor.resize(min(max(workers, c.min_workers), c.max_workers))
+        self._reset_mark()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="autoscaler")
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop deciding; stop the processor too if this scaler owns it."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._owns:
+            await self.processor.stop(timeout)
+
+    async def add_task(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return await self.processor.add_task(fn, *args, **kwargs)
+
+    def _reset_mark(self) -> None:
+        busy, capacity = self.processor.busy_and_capacity()
+        self._mark = (time.monotonic(), busy, capacity)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.check_interval)
+            try:
+                self.step()
+            except Exception:  # a bad decision must not end the loop
+                logger.exception("autoscaler step failed")
+
+    def step(self, now: float | None = None) -> ScalingDecision:
+        """Measure, decide and apply once (the loop calls this every `check_interval`)."""
+        now = time.monotonic() if now is None else now
+        busy, capacity = self.processor.busy_and_capacity(now)
+        if self._mark is None:
+            self._mark = (now, busy, capacity)
+        _, busy0, cap0 = self._mark
+        self._mark = (now, busy, capacity)
+        d_cap = capacity - cap0
+        utilization = min(1.0, (busy - busy0) / d_cap) if d_cap > 0 else 0.0
+        decision = self.decide(self.processor.workers, utilization, self.processor.queue_depth, now)
+        if decision.desired != decision.workers:
+            self.processor.resize(decision.desired)
+            self._last_change = now
+            if decision.desired > decision.workers:
+                self._last_up = now
+                self.scale_ups += 1
+            else:
+                self.scale_downs += 1
+            logger.info(
+                "autoscaler resized",
+                workers=decision.workers,
+                desired=decision.desired,
+                utilization=round(utilization, 3),
+                queue_depth=decision.queue_depth,
+                reason=decision.reason,
+            )
+        self.last = decision
+        self.decisions.append(decision)
+        return decision
+
+    def decide(
+        self, workers: int, utilization: float, queue_depth: int, now: float
+    ) -> ScalingDecision:
+        """The rule, without side effects.
+
+        load = utilization * workers + queue_depth (busy workers plus jobs waiting);
+        per-worker load above ``scale_up_threshold`` grows the pool to
+        ``ceil(load / scale_up_threshold)``, HPA's ``ceil(current * metric / target)``;
+        below ``scale_down_threshold`` it shrinks towards the same figure.
+        """
+        c = self.config
+        load = utilization * workers + queue_depth
+        pressure = load / workers if workers else math.inf
+        desired, reason = workers, "within thresholds"
+        target = max(c.min_workers, min(c.max_workers, math.ceil(load / c.scale_up_threshold)))
+        if workers < c.min_workers or workers > c.max_workers:
+            desired, reason = min(max(workers, c.min_workers), c.max_workers), "outside bounds"
+        elif pressure > c.scale_up_threshold and workers < c.max_workers:
+            if now - self._last_up < c.scale_up_cooldown:
+                reason = "scale-up cooldown"
+            else:
+                desired = max(target, workers + 1)
+                if c.scale_up_step is not None:
+                    desired = min(desired, workers + c.scale_up_step)
+                desired = min(desired, c.max_workers)
+                reason = f"load {pressure:.2f}/worker > {c.scale_up_threshold}"
+        elif pressure < c.scale_down_threshold and workers > c.min_workers:
+            if now - self._last_change < c.scale_down_cooldown:
+                reason = "scale-down cooldown"
+            else:
+                desired = min(target, workers - 1)
+                if c.scale_down_step is not None:
+                    desired = max(desired, workers - c.scale_down_step)
+                desired = max(desired, c.min_workers)
+                reason = f"load {pressure:.2f}/worker < {c.scale_down_threshold}"
+        return ScalingDecision(
+            round(now, 3), workers, desired, round(utilization, 4), queue_depth, load, reason
+        )
+
+    def get_stats(self) -> dict[str, Any]:
+        c = self.config
+        last = self.last
+        return {
+            "current_workers": self.processor.workers,
+            "min_workers": c.min_workers,
+            "max_workers": c.max_workers,
+            "scale_up_threshold": c.scale_up_threshold,
+            "scale_down_threshold": c.scale_down_threshold,
+            "utilization": last.utilization if last else 0.0,
+            "queue_depth": self.processor.queue_depth,
+            "scale_ups": self.scale_ups,
+            "scale_downs": self.scale_downs,
+            "last_decision": last.reason if last else None,
+            "running": self._task is not None,
+            "history": list(self.processor.history),
+        }
