@@ -40,6 +40,7 @@ __all__ = [
     "PoolExhausted",
     "PoolFigures",
     "PoolsPlugin",
+    "PoolsSettings",
     "RedisPoolSettings",
     "is_exhausted",
     "pool_of",
@@ -88,7 +89,7 @@ class HttpPoolSettings:
 
 
 @dataclass
-class Settings:
+class PoolsSettings:
     databases: dict[str, DatabasePoolSettings] = field(default_factory=dict)
     redis: dict[str, RedisPoolSettings] = field(default_factory=dict)
     http: dict[str, HttpPoolSettings] = field(default_factory=dict)
@@ -131,13 +132,13 @@ class PoolsPlugin(overdrive.Plugin):
     """Owns a `ConnectionPoolManager` for the host's lifetime."""
 
     name = "pools"
-    Settings = Settings
+    Settings = PoolsSettings
     provides: ClassVar[dict[str, str]] = {
         "connection_pool_manager": "manager",
         "pool_manager": "manager",
     }
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: PoolsSettings | None = None) -> None:
         super().__init__(settings)
         self.manager = ConnectionPoolManager()
 
@@ -148,7 +149,7 @@ class PoolsPlugin(overdrive.Plugin):
 
     @hookimpl
     async def overdrive_startup(self, host: Any) -> None:
-        s: Settings = self.settings or Settings()
+        s: PoolsSettings = self.settings or PoolsSettings()
         m = self.manager
         try:
             for name, d in s.databases.items():
@@ -206,7 +207,7 @@ class PoolsPlugin(overdrive.Plugin):
         name = pool_of(error)
         if name is None or name not in self.manager:
             return None
-        s: Settings = self.settings or Settings()
+        s: PoolsSettings = self.settings or PoolsSettings()
         reason = f"pool {name!r} {'exhausted' if is_exhausted(error) else 'unavailable'}"
         body = json.dumps(
             {"error": reason, "detail": f"{type(error).__name__}: {error}"[:300]}

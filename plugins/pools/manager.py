@@ -50,17 +50,17 @@ class PoolExhausted(PoolError):
     """
 
 
-_EXHAUSTED: dict[type, type] = {}
+_EXHAUSTED: dict[type, Any] = {}
 
 
 def _exhausted(base: type[BaseException], message: str, pool: str) -> BaseException:
-    cls = _EXHAUSTED.get(base)
+    cls: Any = _EXHAUSTED.get(base)
     if cls is None:
         library = base.__module__.split(".")[0].title()  # Sqlalchemy, Redis
         cls = type(f"{library}PoolExhausted", (PoolExhausted, base), {})
         cls.__module__ = __name__
         _EXHAUSTED[base] = cls
-    err = cls.__new__(cls)
+    err: BaseException = cls.__new__(cls)
     Exception.__init__(err, message)
     setattr(err, _POOL_ATTR, pool)
     return err
@@ -246,7 +246,7 @@ class ConnectionPoolManager:
             kwargs.setdefault("poolclass", StaticPool)
             size, overflow = 1, 0
         else:
-            counted = type(
+            counted: Any = type(
                 "CountedQueuePool",
                 (AsyncAdaptedQueuePool,),
                 {"_do_get": _counted_do_get(name, figures, sa_exc.TimeoutError)},
@@ -323,7 +323,7 @@ class ConnectionPoolManager:
         if timeout is not None and timeout <= 0:
             raise ValueError(f"pool {name!r}: timeout must be > 0 (or None to wait forever)")
         figures = PoolFigures()
-        pool_cls = type(
+        pool_cls: Any = type(
             "CountedBlockingConnectionPool",
             (BlockingConnectionPool,),
             {
@@ -341,7 +341,7 @@ class ConnectionPoolManager:
             socket_connect_timeout=connect_timeout,
             **client_kwargs,
         )
-        counted_redis = type(
+        counted_redis: Any = type(
             "CountedRedis",
             (Redis,),
             {
@@ -542,11 +542,11 @@ class ConnectionPoolManager:
 # -- counting hooks into the libraries' pools ------------------------------------------
 
 
-def _counted_do_get(name: str, figures: PoolFigures, timeout_error: type) -> Any:
+def _counted_do_get(name: str, figures: PoolFigures, timeout_error: type[BaseException]) -> Any:
     """A `_do_get` for a SQLAlchemy queue pool subclass that counts waits and timeouts."""
 
     def _do_get(self: Any) -> Any:
-        base = type(self).__mro__[1]
+        base: Any = type(self).__mro__[1]
         must_wait = self.checkedin() == 0 and self.overflow() >= self._max_overflow
         if not must_wait:
             return base._do_get(self)
@@ -570,11 +570,13 @@ def _counted_do_get(name: str, figures: PoolFigures, timeout_error: type) -> Any
     return _do_get
 
 
-def _counted_get_connection(name: str, figures: PoolFigures, failures: tuple[type, ...]) -> Any:
+def _counted_get_connection(
+    name: str, figures: PoolFigures, failures: tuple[type[BaseException], ...]
+) -> Any:
     """A `get_connection` for a redis-py BlockingConnectionPool subclass."""
 
     async def get_connection(self: Any, *args: Any, **kwargs: Any) -> Any:
-        base = type(self).__mro__[1]
+        base: Any = type(self).__mro__[1]
         must_wait = not self.can_get_connection()
         t0 = time.perf_counter()
         if must_wait:
@@ -602,11 +604,13 @@ def _counted_get_connection(name: str, figures: PoolFigures, failures: tuple[typ
     return get_connection
 
 
-def _counted_execute_command(name: str, figures: PoolFigures, failures: tuple[type, ...]) -> Any:
+def _counted_execute_command(
+    name: str, figures: PoolFigures, failures: tuple[type[BaseException], ...]
+) -> Any:
     """An `execute_command` for a redis client subclass: failures down, successes up."""
 
     async def execute_command(self: Any, *args: Any, **options: Any) -> Any:
-        base = type(self).__mro__[1]
+        base: Any = type(self).__mro__[1]
         try:
             result = await base.execute_command(self, *args, **options)
         except failures as exc:

@@ -42,6 +42,7 @@ __all__ = [
     "TaskError",
     "TaskNotRegistered",
     "TasksPlugin",
+    "TasksSettings",
     "current_request_id",
     "log_context",
     "make_broker",
@@ -58,7 +59,7 @@ _SCALING_KEYS = (
 
 
 @dataclass
-class Settings:
+class TasksSettings:
     backend: Literal["memory", "redis"] = "memory"
     max_workers: int = 4  # the fixed pool size; with autoscale, the ceiling
     queue_size: int = 1000
@@ -106,7 +107,7 @@ class TasksPlugin(overdrive.Plugin):
     """Runs the background task processor for the app's lifetime."""
 
     name = "tasks"
-    Settings = Settings
+    Settings = TasksSettings
     provides: ClassVar[dict[str, str]] = {
         "tasks": "tasks",
         "task_processor": "tasks",
@@ -114,14 +115,14 @@ class TasksPlugin(overdrive.Plugin):
         "auto_scaler": "auto_scaler",
     }
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: TasksSettings | None = None) -> None:
         super().__init__(settings)
         self.tasks: Any = None
         self.auto_scaler: AutoScaler | None = None
 
     @hookimpl
     def overdrive_configure(self, host: Any) -> None:
-        s: Settings = self.settings or Settings()
+        s: TasksSettings = self.settings or TasksSettings()
         if s.backend == "redis":
             url = s.redis_url or host.redis_url
             if not url:
@@ -144,7 +145,7 @@ class TasksPlugin(overdrive.Plugin):
 
     @hookimpl
     async def overdrive_startup(self, host: Any) -> None:
-        s: Settings = self.settings or Settings()
+        s: TasksSettings = self.settings or TasksSettings()
         if isinstance(self.tasks, DurableTaskQueue):
             await self.tasks.start()
         elif self.auto_scaler is not None:
@@ -174,7 +175,7 @@ class TasksPlugin(overdrive.Plugin):
             error = sys.exc_info()[1]
         if not isinstance(error, QueueFull):
             return None
-        s: Settings = self.settings or Settings()
+        s: TasksSettings = self.settings or TasksSettings()
         body = json.dumps({"error": "task queue full", "detail": str(error)}).encode()
         return _Busy(body, s.retry_after)
 

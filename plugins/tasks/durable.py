@@ -52,7 +52,7 @@ def _require() -> None:
 
 if RedisStreamBroker is not None:
 
-    class ReclaimingStreamBroker(RedisStreamBroker):  # type: ignore[misc,valid-type]
+    class ReclaimingStreamBroker(RedisStreamBroker):
         """taskiq-redis' stream broker, reclaiming dead workers' jobs on every poll."""
 
         def _ack_generator(self, id: str, queue_name: str) -> Callable[[], Awaitable[None]]:
@@ -68,7 +68,7 @@ if RedisStreamBroker is not None:
             async with Redis(connection_pool=self.connection_pool) as conn:
                 while True:
                     for stream in streams:
-                        claimed = await conn.xautoclaim(
+                        claimed: Any = await conn.xautoclaim(
                             stream,
                             self.consumer_group_name,
                             self.consumer_name,
@@ -84,10 +84,11 @@ if RedisStreamBroker is not None:
                             yield AckableMessage(
                                 data=msg[b"data"], ack=self._ack_generator(msg_id, stream)
                             )
-                    fetched = await conn.xreadgroup(
+                    wanted: dict[Any, Any] = {self.queue_name: ">", **self.additional_streams}
+                    fetched: Any = await conn.xreadgroup(
                         self.consumer_group_name,
                         self.consumer_name,
-                        {self.queue_name: ">", **self.additional_streams},
+                        wanted,
                         block=self.block,
                         noack=False,
                         count=self.count,
@@ -98,7 +99,7 @@ if RedisStreamBroker is not None:
                                 data=msg[b"data"], ack=self._ack_generator(msg_id, stream)
                             )
 
-    class RequestIdMiddleware(TaskiqMiddleware):  # type: ignore[misc,valid-type]
+    class RequestIdMiddleware(TaskiqMiddleware):
         """Producer: the caller's request id into the message's labels.
         Worker: the labels into the structlog context for the job's log lines."""
 

@@ -65,6 +65,7 @@ def test_public_names_are_pinned() -> None:
         "PoolExhausted",
         "PoolFigures",
         "PoolsPlugin",
+        "PoolsSettings",
         "RedisPoolSettings",
         "is_exhausted",
         "pool_of",

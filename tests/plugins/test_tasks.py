@@ -48,6 +48,7 @@ def test_public_names_are_pinned() -> None:
         "TaskError",
         "TaskNotRegistered",
         "TasksPlugin",
+        "TasksSettings",
         "current_request_id",
         "log_context",
         "make_broker",
