@@ -40,7 +40,7 @@ class ScalingConfig:
     scale_up_cooldown: float = 5.0  # seconds after a scale-up before the next one
     scale_down_cooldown: float = 30.0  # seconds after any change before a scale-down
     scale_up_step: int | None = None  # most workers added at once (None: no limit)
-    scale_down_step: int | None = 1  # most workers removed at once (None: no limit)
+    scale_down_step: int | None = None  # most workers removed at once (None: no limit)
 
     def __post_init__(self) -> None:
         _validate({f.name: getattr(self, f.name) for f in fields(self)})

@@ -244,7 +244,8 @@ def scaler(**config: Any) -> AutoScaler:
 
 
 def test_decide_follows_the_hpa_rule_with_queued_jobs_as_load() -> None:
-    s = scaler(min_workers=2, max_workers=10, scale_up_cooldown=0, scale_down_cooldown=0)
+    s = scaler(min_workers=2, max_workers=10, scale_up_cooldown=0, scale_down_cooldown=0,
+               scale_down_step=1)  # fmt: skip
     # 4 workers 100 % busy and 4 jobs waiting: load 8, ceil(8 / 0.8) = 10
     assert s.decide(4, 1.0, 4, now=100).desired == 10
     # 4 workers 90 % busy, nothing waiting: ceil(3.6 / 0.8) = 5
@@ -254,12 +255,17 @@ def test_decide_follows_the_hpa_rule_with_queued_jobs_as_load() -> None:
     # idle: one worker less per decision (scale_down_step = 1), never below min
     assert s.decide(4, 0.0, 0, now=100).desired == 3
     assert s.decide(2, 0.0, 0, now=100).desired == 2
+    # without a step limit, straight to the HPA figure
+    s.config.scale_down_step = None
+    assert s.decide(8, 0.1, 0, now=100).desired == 2  # ceil(0.8 / 0.8) = 1, min 2
+    assert s.decide(8, 0.25, 0, now=100).desired == 3  # ceil(2 / 0.8)
     # never above max
     assert s.decide(10, 1.0, 500, now=100).desired == 10
 
 
 def test_cooldowns_hold_decisions() -> None:
-    s = scaler(min_workers=1, max_workers=8, scale_up_cooldown=5, scale_down_cooldown=30)
+    s = scaler(min_workers=1, max_workers=8, scale_up_cooldown=5, scale_down_cooldown=30,
+               scale_down_step=1)  # fmt: skip
     s._last_up = s._last_change = 100.0
     assert s.decide(2, 1.0, 10, now=103).reason == "scale-up cooldown"
     assert s.decide(2, 1.0, 10, now=105).desired == 8
@@ -289,7 +295,8 @@ async def test_a_burst_grows_the_pool_and_idleness_shrinks_it() -> None:
         await gate.wait()
 
     config = ScalingConfig(min_workers=1, max_workers=6, check_interval=3600,
-                           scale_up_cooldown=0, scale_down_cooldown=0)  # fmt: skip
+                           scale_up_cooldown=0, scale_down_cooldown=0,
+                           scale_down_step=1)  # fmt: skip
     processor = BackgroundTaskProcessor(max_workers=1)
     auto_scaler = AutoScaler(config, processor)
     await auto_scaler.start()  # the loop sleeps an hour: steps are driven by hand here
