@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 import structlog
+
 from overdrive.plugins.tasks import AutoScaler, BackgroundTaskProcessor, ScalingConfig
 
 MIN, MAX = 2, 16

@@ -21,16 +21,8 @@ from typing import Any, ClassVar
 import overdrive
 from overdrive import ConfigError, hookimpl
 
-from .manager import (
-    DEFAULT_DATABASE_URL,
-    ConnectionPoolManager,
-    PoolError,
-    PoolExhausted,
-    PoolFigures,
-    is_exhausted,
-    logger,
-    pool_of,
-)
+from .instrument import PoolError, PoolExhausted, PoolFigures, is_exhausted, logger, pool_of
+from .manager import DEFAULT_DATABASE_URL, ConnectionPoolManager
 
 __all__ = [
     "ConnectionPoolManager",

@@ -10,6 +10,8 @@ queue answers the request 503 with ``Retry-After`` instead of a 500.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -77,6 +79,7 @@ class TasksSettings:
     redis_url: str | None = None  # default: the host's redis_url
     queue_name: str = "overdrive:tasks"
     idle_timeout: float = 600.0  # seconds before a dead worker's job is run again
+    worker_in_app: bool = False  # also consume jobs in the app process (max_workers at once)
     retry_after: int = 5  # seconds, in the 503 answered when the queue is full
 
     def __post_init__(self) -> None:
@@ -119,6 +122,7 @@ class TasksPlugin(overdrive.Plugin):
         super().__init__(settings)
         self.tasks: Any = None
         self.auto_scaler: AutoScaler | None = None
+        self._receiver: asyncio.Task[None] | None = None
 
     @hookimpl
     def overdrive_configure(self, host: Any) -> None:
@@ -148,6 +152,10 @@ class TasksPlugin(overdrive.Plugin):
         s: TasksSettings = self.settings or TasksSettings()
         if isinstance(self.tasks, DurableTaskQueue):
             await self.tasks.start()
+            if s.worker_in_app:
+                self._receiver = asyncio.get_running_loop().create_task(
+                    self.tasks.run_worker(max_async_tasks=s.max_workers), name="tasks-receiver"
+                )
         elif self.auto_scaler is not None:
             await self.tasks.start(workers=s.min_workers)
             await self.auto_scaler.start()
@@ -158,6 +166,11 @@ class TasksPlugin(overdrive.Plugin):
     async def overdrive_shutdown(self, host: Any) -> None:
         if self.auto_scaler is not None:
             await self.auto_scaler.stop()
+        receiver, self._receiver = self._receiver, None
+        if receiver is not None:  # unacknowledged jobs stay in Redis for the next worker
+            receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await receiver
         await self.tasks.stop()
 
     # The request id travels with jobs queued while a request is served.

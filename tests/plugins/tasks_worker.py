@@ -14,8 +14,9 @@ import sys
 from typing import Any
 
 import structlog
-from overdrive.plugins.tasks import DurableTaskQueue
 from redis.asyncio import Redis
+
+from overdrive.plugins.tasks import DurableTaskQueue
 
 
 def build(redis_url: str, stream: str, idle_timeout: float) -> tuple[DurableTaskQueue, Any]:

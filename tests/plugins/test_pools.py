@@ -7,18 +7,19 @@ import asyncio
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import overdrive.plugins.pools as pools_module
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from overdrive import ConfigError
-from overdrive.contrib.testing import check_plugin, make_host, serve
-from overdrive.plugins.pools import ConnectionPoolManager, PoolExhausted, PoolsPlugin, pool_of
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+import overdrive.plugins.pools as pools_module
+from overdrive import ConfigError
+from overdrive.contrib.testing import check_plugin, make_host, serve
+from overdrive.plugins.pools import ConnectionPoolManager, PoolExhausted, PoolsPlugin, pool_of
 
 
 def via(url: str, port: int) -> str:

@@ -12,9 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import overdrive.plugins.tasks as tasks_module
 import pytest
 import structlog
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import overdrive.plugins.tasks as tasks_module
 from overdrive import ConfigError
 from overdrive.contrib.testing import check_plugin, make_host, serve
 from overdrive.plugins.tasks import (
@@ -26,9 +30,6 @@ from overdrive.plugins.tasks import (
     TasksPlugin,
     current_request_id,
 )
-from starlette.applications import Starlette
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 ROOT = Path(__file__).resolve().parents[2]
 log = structlog.get_logger("test.jobs")
@@ -469,3 +470,37 @@ async def test_durable_add_task_refuses_unregistered_functions(redis_url: str) -
     queue = DurableTaskQueue(redis_url, "odtest:unused")
     with pytest.raises(TaskNotRegistered, match=r"decorate it with @queue\.task"):
         await queue.add_task(stray)
+
+
+async def test_plugin_redis_backend_runs_jobs_in_app_with_the_request_id(
+    redis_url: str, namespace: str
+) -> None:
+    config = {"plugins": ["tasks"],
+              "tasks": {"backend": "redis", "redis_url": redis_url, "worker_in_app": True,
+                        "queue_name": f"{namespace}:jobs"}}  # fmt: skip
+    host = make_host(config=config)
+    queue = host.tasks
+    seen: list[Any] = []
+    finished = asyncio.Event()
+
+    @queue.task(name=f"{namespace}.render")
+    async def render(video_id: str) -> None:
+        seen.append((video_id, structlog.contextvars.get_contextvars().get("request_id")))
+        finished.set()
+
+    async def enqueue(request: Any) -> JSONResponse:
+        await host.tasks.add_task(render, video_id="5")
+        return JSONResponse({"queued": True}, status_code=202)
+
+    app = Starlette(routes=[Route("/render", enqueue, methods=["POST"])])
+    try:
+        async with serve(app, host=host) as h:
+            response = await h.client.post("/render", headers={"x-request-id": "rid-77"})
+            assert response.status_code == 202
+            async with asyncio.timeout(30):
+                await finished.wait()
+            assert seen == [("5", "rid-77")]
+            stats = (await h.host.get_system_stats())["tasks"]
+            assert stats["backend"] == "redis" and stats["submitted"] == 1
+    finally:
+        await queue.delete()
