@@ -56,6 +56,7 @@ class DatabasePoolSettings:
     pool_timeout: float = 30.0
     connect_timeout: float = 5.0
     pool_recycle: float = 1800.0
+    pre_ping: bool = True  # one round trip per checkout finds dead connections first
 
 
 @dataclass
@@ -153,6 +154,7 @@ class PoolsPlugin(overdrive.Plugin):
                     pool_timeout=d.pool_timeout,
                     connect_timeout=d.connect_timeout,
                     pool_recycle=d.pool_recycle,
+                    pool_pre_ping=d.pre_ping,
                 )
             for name, r in s.redis.items():
                 await m.create_redis_pool(
