@@ -134,7 +134,7 @@ async def test_database_stats_follow_checked_out_connections(postgres_url: str) 
 async def test_exhausted_database_pool_waits_then_names_itself(postgres_url: str) -> None:
     manager = ConnectionPoolManager()
     engine = await manager.create_database_pool(
-        "orders", postgres_url, pool_size=1, max_overflow=0, pool_timeout=0.2
+        "orders", postgres_url, pool_size=1, max_overflow=0, pool_timeout=0.5
     )
     try:
         held = await engine.connect()

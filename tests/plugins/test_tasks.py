@@ -150,7 +150,7 @@ async def test_stop_drains_then_cancels_and_counts_what_it_cut() -> None:
         await processor.add_task(quick, i)
     hung = await processor.add_task(forever)
     never = await processor.add_task(quick, 99)
-    outcome = await processor.stop(timeout=0.1)
+    outcome = await processor.stop(timeout=0.5)
     assert finished == [0, 1, 2, 3, 4]
     assert outcome == {"cancelled": 1, "dropped": 1}
     assert (hung.state, never.state) == ("cancelled", "dropped")
