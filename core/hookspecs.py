@@ -94,7 +94,9 @@ def cache_store(ctx: RequestContext, response: CapturedResponse) -> None:
 @hookspec(firstresult=True)
 def on_failure(ctx: RequestContext, error: BaseException | None) -> ASGIApp | None:
     """The app raised, timed out (`error` is a TimeoutError) or started a 5xx
-    (`error` is None, ``ctx.status`` says which). Record it. Before the response
+    (``ctx.status`` says which; `error` is the exception a framework was handling
+    when it answered 500, else None). Record it. Before the response
+
     has started, a plugin may return a fallback ASGI callable (a stale copy);
     with none, an exception propagates as before and a timeout answers 504.
     """

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from time import perf_counter
 from typing import Any
@@ -120,7 +121,12 @@ class OverdriveMiddleware:
                 status = message["status"]
                 if status >= 500 and on_failure and not ctx.response_started:
                     ctx.status = status
-                    fallback = await host.call_first("on_failure", ctx, None)
+                    # A framework answering 500 for an exception (Starlette's
+                    # ServerErrorMiddleware) does so while handling it: pass it on.
+                    handling = sys.exc_info()[1]
+                    if handling is not None:
+                        ctx.error = handling
+                    fallback = await host.call_first("on_failure", ctx, handling)
                     if fallback is not None:
                         ctx.replaced = True
                         await fallback(scope, receive, _FallbackSend(ctx, send, self._start))
