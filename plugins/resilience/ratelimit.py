@@ -1,0 +1,251 @@
+"""The `ratelimit` plugin and its `RateLimiter`: per-client limits on the `limits` library.
+
+`limits` is the well-kept library for this (it is what slowapi and
+Flask-Limiter run on): its memory storage by default (sync, no await, a few
+microseconds a hit), its Redis storage so that several workers share counts.
+What it lacks, and this module adds: a fallback to local memory counts when
+Redis is unreachable (requests keep flowing; stats say so), and the answer:
+429 with ``Retry-After`` and the ``RateLimit-*`` headers (IETF httpapi draft).
+
+The client key is the client address, or a header such as an API key
+(``key = "header:x-api-key"``, the address when the header is missing). Each
+route rule may set its own `limit` (a bucket per rule) and a `cost`: a
+generation may cost 10 hits where a thumbnail costs 1.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from time import monotonic
+from typing import Any, Literal
+
+import limits
+import limits.aio.strategies
+import limits.strategies
+from limits.storage import MemoryStorage
+from overdrive import Plugin, hookimpl
+from overdrive.errors import ConfigError
+
+from .common import REJECTED, reject, route_name
+
+__all__ = ["RateLimitPlugin", "RateLimitSettings", "RateLimiter"]
+
+Strategy = Literal["fixed-window", "moving-window", "sliding-window-counter"]
+_SYNC = {
+    "fixed-window": limits.strategies.FixedWindowRateLimiter,
+    "moving-window": limits.strategies.MovingWindowRateLimiter,
+    "sliding-window-counter": limits.strategies.SlidingWindowCounterRateLimiter,
+}
+_ASYNC = {
+    "fixed-window": limits.aio.strategies.FixedWindowRateLimiter,
+    "moving-window": limits.aio.strategies.MovingWindowRateLimiter,
+    "sliding-window-counter": limits.aio.strategies.SlidingWindowCounterRateLimiter,
+}
+
+
+def parse_limits(text: str, key: str) -> list[limits.RateLimitItem]:
+    try:
+        items = limits.parse_many(text)
+    except ValueError:
+        items = []
+    if not items:
+        raise ConfigError(
+            f"{key}: expected a limit such as '100/minute' or '10/second;500/hour', got {text!r}"
+        )
+    return items
+
+
+class RateLimiter:
+    """Hits against one or more limits per (bucket, client key), locally or in Redis.
+
+    `hit` never raises for a storage fault: it counts locally instead and
+    `fallback` says so until Redis answers again.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy = "sliding-window-counter",
+        storage_url: str | None = None,
+        *,
+        key_prefix: str = "overdrive:ratelimit",
+        retry_interval: float = 5.0,
+    ) -> None:
+        self.strategy = strategy
+        self.local = _SYNC[strategy](MemoryStorage())
+        self.remote: Any = None
+        self.storage_url = storage_url
+        self.key_prefix = key_prefix
+        self.retry_interval = retry_interval
+        self._down_until = 0.0
+        self.errors = 0
+        self.last_error = ""
+        if storage_url and not storage_url.startswith("memory://"):
+            url = storage_url if storage_url.startswith("async+") else f"async+{storage_url}"
+            from limits.aio.storage import RedisStorage
+
+            storage = RedisStorage(
+                url,
+                implementation="redispy",
+                key_prefix=key_prefix,
+                socket_timeout=0.25,
+                socket_connect_timeout=0.25,
+            )
+            self.remote = _ASYNC[strategy](storage)
+
+    @property
+    def fallback(self) -> bool:
+        return self.remote is not None and monotonic() < self._down_until
+
+    async def hit(
+        self, items: list[limits.RateLimitItem], bucket: str, key: str, cost: int = 1
+    ) -> tuple[bool, limits.RateLimitItem, int, float]:
+        """(allowed, the limit that decided, remaining, reset epoch seconds)."""
+        remote = self.remote
+        if remote is not None and monotonic() >= self._down_until:
+            try:
+                for item in items:
+                    if not await remote.hit(item, bucket, key, cost=cost):
+                        stats = await remote.get_window_stats(item, bucket, key)
+                        return False, item, 0, stats.reset_time
+                stats = await remote.get_window_stats(items[0], bucket, key)
+                return True, items[0], stats.remaining, stats.reset_time
+            except Exception as exc:  # Redis down or slow: count locally for a while
+                self.errors += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+                self._down_until = monotonic() + self.retry_interval
+        local = self.local
+        for item in items:
+            if not local.hit(item, bucket, key, cost=cost):
+                return False, item, 0, local.get_window_stats(item, bucket, key).reset_time
+        stats = local.get_window_stats(items[0], bucket, key)
+        return True, items[0], stats.remaining, stats.reset_time
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "backend": "memory"
+            if self.remote is None
+            else ("local-fallback" if self.fallback else "redis"),
+            "storage_errors": self.errors,
+            "last_error": self.last_error,
+        }
+
+
+@dataclass
+class RateLimitSettings:
+    limit: str = "100/minute"
+    strategy: Strategy = "sliding-window-counter"
+    key: str = "address"
+    cost: int = 1
+    storage_url: str | None = None
+    key_prefix: str = "overdrive:ratelimit"
+    redis_retry_interval: float = 5.0
+    headers: bool = True
+    enabled: bool = True
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        parse_limits(self.limit, "ratelimit.limit")
+        if self.cost < 1:
+            raise ConfigError(f"ratelimit.cost: expected >= 1, got {self.cost!r}")
+        if self.key != "address" and not (
+            self.key.startswith("header:") and len(self.key) > len("header:")
+        ):
+            raise ConfigError(
+                f"ratelimit.key: expected 'address' or 'header:<name>', got {self.key!r}"
+            )
+        if not self.redis_retry_interval > 0:
+            raise ConfigError(
+                f"ratelimit.redis_retry_interval: expected > 0, got {self.redis_retry_interval!r}"
+            )
+
+
+class RateLimitPlugin(Plugin):
+    name = "ratelimit"
+    Settings = RateLimitSettings
+
+    def __init__(self, settings: RateLimitSettings | None = None) -> None:
+        super().__init__(settings)
+        self.limiter: RateLimiter | None = None
+        self._by_policy: dict[Any, tuple[list[limits.RateLimitItem], str, str | None] | None] = {}
+        self._parsed: dict[str, list[limits.RateLimitItem]] = {}
+        self.allowed = 0
+        self.limited = 0
+
+    @hookimpl
+    def overdrive_configure(self, host: Any) -> None:
+        s: RateLimitSettings = self.settings
+        url = s.storage_url
+        if url == "redis" or url == "host":  # use the host's redis_url
+            url = getattr(host, "redis_url", None)
+            if not url:
+                raise ConfigError(
+                    f"ratelimit.storage_url: {s.storage_url!r} needs a host redis_url"
+                )
+        self.limiter = RateLimiter(
+            s.strategy, url, key_prefix=s.key_prefix, retry_interval=s.redis_retry_interval
+        )
+
+    def _route(self, ctx: Any, s: RateLimitSettings) -> Any:
+        entry = None
+        if s.enabled:
+            items = self._parsed.get(s.limit)
+            if items is None:
+                items = self._parsed[s.limit] = parse_limits(s.limit, "ratelimit.limit")
+            bucket = s.name or route_name(ctx.policy, self.name) or "global"
+            header = s.key[len("header:") :].lower() if s.key.startswith("header:") else None
+            entry = (items, bucket, header)
+        if len(self._by_policy) > 4096:
+            self._by_policy.clear()
+        self._by_policy[ctx.policy] = entry
+        return entry
+
+    @hookimpl
+    async def before_request(self, ctx: Any) -> Any:
+        s: RateLimitSettings = ctx.settings(self.name)
+        try:
+            entry = self._by_policy[ctx.policy]
+        except KeyError:
+            entry = self._route(ctx, s)
+        if entry is None or self.limiter is None:
+            return None
+        items, bucket, header = entry
+        key = ctx.headers.get(header) if header is not None else None
+        if not key:
+            client = ctx.scope.get("client")
+            key = client[0] if client else "unknown"
+        allowed, item, remaining, reset_at = await self.limiter.hit(items, bucket, key, s.cost)
+        reset = max(0, math.ceil(reset_at - time.time()))
+        if allowed:
+            self.allowed += 1
+            if s.headers:
+                ctx.state[self.name] = (item, remaining, reset)
+            return None
+        self.limited += 1
+        ctx.state[REJECTED] = self.name
+        return reject(429, "Too Many Requests", max(1, reset), _headers(item, 0, reset))
+
+    @hookimpl
+    def on_response_start(self, ctx: Any, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        state = ctx._state
+        entry = state.get(self.name) if state else None
+        if entry is not None:
+            headers.extend(_headers(*entry))
+
+    @hookimpl
+    def collect_stats(self, host: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {"allowed": self.allowed, "limited": self.limited}
+        if self.limiter is not None:
+            out.update(self.limiter.stats())
+        return out
+
+
+def _headers(item: limits.RateLimitItem, remaining: int, reset: int) -> list[tuple[bytes, bytes]]:
+    window = item.get_expiry()
+    return [
+        (b"ratelimit-limit", str(item.amount).encode()),
+        (b"ratelimit-remaining", str(max(0, remaining)).encode()),
+        (b"ratelimit-reset", str(reset).encode()),
+        (b"ratelimit-policy", f"{item.amount};w={window}".encode()),
+    ]
