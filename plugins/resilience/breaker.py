@@ -251,7 +251,7 @@ class CircuitBreaker:
         self._ignored = tuple(config.ignore_exceptions)
         self._slow_after = config.slow_call_duration
         self._window: _CountWindow | _TimeWindow = self._new_window()
-        self._state = config.initial_state
+        self._state: str = config.initial_state
         self._open_until = 0.0
         self._trials = 0  # half-open trial calls in flight
         self._trial_ok = 0

@@ -15,6 +15,7 @@ generation may cost 10 hits where a thumbnail costs 1.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -33,12 +34,12 @@ from .common import REJECTED, reject, route_name
 __all__ = ["RateLimitPlugin", "RateLimitSettings", "RateLimiter"]
 
 Strategy = Literal["fixed-window", "moving-window", "sliding-window-counter"]
-_SYNC = {
+_SYNC: dict[str, Any] = {
     "fixed-window": limits.strategies.FixedWindowRateLimiter,
     "moving-window": limits.strategies.MovingWindowRateLimiter,
     "sliding-window-counter": limits.strategies.SlidingWindowCounterRateLimiter,
 }
-_ASYNC = {
+_ASYNC: dict[str, Any] = {
     "fixed-window": limits.aio.strategies.FixedWindowRateLimiter,
     "moving-window": limits.aio.strategies.MovingWindowRateLimiter,
     "sliding-window-counter": limits.aio.strategies.SlidingWindowCounterRateLimiter,
@@ -75,6 +76,7 @@ class RateLimiter:
         self.strategy = strategy
         self.local = _SYNC[strategy](MemoryStorage())
         self.remote: Any = None
+        self._pool: Any = None
         self.storage_url = storage_url
         self.key_prefix = key_prefix
         self.retry_interval = retry_interval
@@ -83,14 +85,16 @@ class RateLimiter:
         self.last_error = ""
         if storage_url and not storage_url.startswith("memory://"):
             url = storage_url if storage_url.startswith("async+") else f"async+{storage_url}"
+            import redis.asyncio
             from limits.aio.storage import RedisStorage
 
+            # our own pool: short timeouts (a hung Redis must not hold requests), and
+            # something to close at shutdown
+            self._pool = redis.asyncio.ConnectionPool.from_url(
+                url.removeprefix("async+"), socket_timeout=0.25, socket_connect_timeout=0.25
+            )
             storage = RedisStorage(
-                url,
-                implementation="redispy",
-                key_prefix=key_prefix,
-                socket_timeout=0.25,
-                socket_connect_timeout=0.25,
+                url, implementation="redispy", key_prefix=key_prefix, connection_pool=self._pool
             )
             self.remote = _ASYNC[strategy](storage)
 
@@ -121,6 +125,12 @@ class RateLimiter:
                 return False, item, 0, local.get_window_stats(item, bucket, key).reset_time
         stats = local.get_window_stats(items[0], bucket, key)
         return True, items[0], stats.remaining, stats.reset_time
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                await pool.disconnect()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -232,6 +242,11 @@ class RateLimitPlugin(Plugin):
         entry = state.get(self.name) if state else None
         if entry is not None:
             headers.extend(_headers(*entry))
+
+    @hookimpl
+    async def overdrive_shutdown(self, host: Any) -> None:
+        if self.limiter is not None:
+            await self.limiter.close()
 
     @hookimpl
     def collect_stats(self, host: Any) -> dict[str, Any]:
