@@ -304,9 +304,12 @@ class AIMDController(_Controller):
 
 
 class GradientController(_Controller):
-    """Netflix concurrency-limits ``Gradient2Limit``: the limit follows
-    ``limit x clamp(tolerance x long / short, 0.5, 1) + sqrt(limit)``, smoothed, where
-    `short` is the sample and `long` its slow average (or `target` for queue wait)."""
+    """A gradient limit, as Netflix concurrency-limits' ``Gradient2Limit`` and Envoy's
+    adaptive concurrency filter: ``limit x clamp(tolerance x baseline / sample, 0.5, 1)
+    + headroom``, smoothed. As in Envoy, the baseline is the lowest signal seen (its
+    minRTT), aged upwards slowly so that it can follow a slower model; with a queue
+    wait signal the baseline is the fixed `target` instead. `sample` is a short moving
+    average of the signal (Gradient2's short RTT)."""
 
     def __init__(
         self,
@@ -316,35 +319,40 @@ class GradientController(_Controller):
         target: float | None = None,
         tolerance: float = 1.5,
         smoothing: float = 0.2,
-        long_window: int = 600,
+        headroom: float = 0.5,
     ) -> None:
         super().__init__(min_limit, max_limit)
         self.target = target
         self.tolerance = tolerance
         self.smoothing = smoothing
-        self.long = 0.0
-        self.long_alpha = 2.0 / (long_window + 1)
+        self.headroom = headroom
+        self.baseline = math.inf
+        self.short = 0.0
 
     def update(self, signal: float, dropped: bool) -> None:
         self.samples += 1
+        short = self.short
+        self.short = short = signal if not short else short + 0.3 * (signal - short)
         if self.target is None:
             if signal <= 0:
                 return
-            long = self.long
-            long = signal if not long else long + self.long_alpha * (signal - long)
-            if long / signal > 2:  # recovering from a long spike: let the average catch up
-                long *= 0.95
-            self.long = long
-            gradient = max(0.5, min(1.0, self.tolerance * long / signal))
+            if signal < self.baseline:
+                self.baseline = signal
+            elif self.samples % 100 == 0:
+                self.baseline *= 1.05  # age the floor so that it can follow a slower model
+            gradient = max(0.5, min(1.0, self.tolerance * self.baseline / short))
         else:
-            gradient = max(0.5, min(1.0, self.target / signal)) if signal > 0 else 1.0
+            gradient = max(0.5, min(1.0, self.target / short)) if short > 0 else 1.0
         if dropped:
             gradient = 0.5
         limit = self.estimate
-        if not dropped and self.limiter.in_flight < limit / 2:
-            return  # app-limited: the signal says nothing about the limit
-        new = limit * gradient + math.sqrt(limit)
+        if not dropped and gradient == 1.0 and self.limiter.in_flight < limit / 2:
+            return  # app-limited: the signal says nothing about a higher limit
+        new = limit * gradient + self.headroom
         self._apply(limit * (1 - self.smoothing) + new * self.smoothing)
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), "baseline_ms": round(self.baseline * 1000, 3)}
 
 
 class ScalingController(_Controller):

@@ -67,7 +67,7 @@ class RateLimiter:
 
     def __init__(
         self,
-        strategy: Strategy = "sliding-window-counter",
+        strategy: Strategy = "fixed-window",
         storage_url: str | None = None,
         *,
         key_prefix: str = "overdrive:ratelimit",
@@ -109,6 +109,8 @@ class RateLimiter:
         remote = self.remote
         if remote is not None and monotonic() >= self._down_until:
             try:
+                if self.strategy == "fixed-window":
+                    return await _fixed_async(remote.storage, items, bucket, key, cost)
                 for item in items:
                     if not await remote.hit(item, bucket, key, cost=cost):
                         stats = await remote.get_window_stats(item, bucket, key)
@@ -120,6 +122,8 @@ class RateLimiter:
                 self.last_error = f"{type(exc).__name__}: {exc}"[:200]
                 self._down_until = monotonic() + self.retry_interval
         local = self.local
+        if self.strategy == "fixed-window":
+            return _fixed(local.storage, items, bucket, key, cost)
         for item in items:
             if not local.hit(item, bucket, key, cost=cost):
                 return False, item, 0, local.get_window_stats(item, bucket, key).reset_time
@@ -142,10 +146,38 @@ class RateLimiter:
         }
 
 
+# A fixed window through the storage's public `incr`: one call gives both the verdict and
+# the remaining count (the strategy's `hit` + `get_window_stats` would take two).
+def _fixed(storage: Any, items: list[Any], bucket: str, key: str, cost: int) -> Any:
+    first = None
+    for item in items:
+        k = item.key_for(bucket, key)
+        count = storage.incr(k, item.get_expiry(), amount=cost)
+        if count > item.amount:
+            return False, item, 0, storage.get_expiry(k)
+        if first is None:
+            first = (item, item.amount - count, k)
+    assert first is not None
+    return True, first[0], first[1], storage.get_expiry(first[2])
+
+
+async def _fixed_async(storage: Any, items: list[Any], bucket: str, key: str, cost: int) -> Any:
+    first = None
+    for item in items:
+        k = item.key_for(bucket, key)
+        count = await storage.incr(k, item.get_expiry(), amount=cost)
+        if count > item.amount:
+            return False, item, 0, await storage.get_expiry(k)
+        if first is None:
+            first = (item, item.amount - count, k)
+    assert first is not None
+    return True, first[0], first[1], await storage.get_expiry(first[2])
+
+
 @dataclass
 class RateLimitSettings:
     limit: str = "100/minute"
-    strategy: Strategy = "sliding-window-counter"
+    strategy: Strategy = "fixed-window"
     key: str = "address"
     cost: int = 1
     storage_url: str | None = None
@@ -256,11 +288,20 @@ class RateLimitPlugin(Plugin):
         return out
 
 
+_HEAD_CACHE: dict[int, tuple[Any, bytes, bytes]] = {}
+
+
 def _headers(item: limits.RateLimitItem, remaining: int, reset: int) -> list[tuple[bytes, bytes]]:
-    window = item.get_expiry()
+    cached = _HEAD_CACHE.get(id(item))
+    if cached is None or cached[0] is not item:
+        amount = item.amount
+        cached = (item, str(amount).encode(), f"{amount};w={item.get_expiry()}".encode())
+        if len(_HEAD_CACHE) > 1024:
+            _HEAD_CACHE.clear()
+        _HEAD_CACHE[id(item)] = cached
     return [
-        (b"ratelimit-limit", str(item.amount).encode()),
-        (b"ratelimit-remaining", str(max(0, remaining)).encode()),
-        (b"ratelimit-reset", str(reset).encode()),
-        (b"ratelimit-policy", f"{item.amount};w={window}".encode()),
+        (b"ratelimit-limit", cached[1]),
+        (b"ratelimit-remaining", b"%d" % (remaining if remaining > 0 else 0)),
+        (b"ratelimit-reset", b"%d" % reset),
+        (b"ratelimit-policy", cached[2]),
     ]
