@@ -61,10 +61,11 @@ SERVER_CONFIGS: dict[str, dict[str, Any] | None] = {
 
 
 def build_app(config: dict[str, Any] | None) -> Any:
-    from overdrive.middleware import OverdriveMiddleware
     from starlette.applications import Starlette
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
+
+    from overdrive.middleware import OverdriveMiddleware
 
     gpu = asyncio.Semaphore(SLOTS)
 

@@ -17,11 +17,12 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import Any
 
-from overdrive.middleware import OverdriveMiddleware
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
+
+from overdrive.middleware import OverdriveMiddleware
 
 LIMIT = "1000000000/minute"
 
@@ -112,6 +113,7 @@ def variants() -> dict[str, Callable[..., Any]]:
 
 async def direct(n: int) -> float:
     from limits import parse_many
+
     from overdrive.plugins.resilience import RateLimiter
 
     limiter = RateLimiter()

@@ -26,6 +26,7 @@ import limits
 import limits.aio.strategies
 import limits.strategies
 from limits.storage import MemoryStorage
+
 from overdrive import Plugin, hookimpl
 from overdrive.errors import ConfigError
 

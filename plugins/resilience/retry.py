@@ -24,6 +24,7 @@ from time import monotonic, time
 from typing import Any
 
 import tenacity
+
 from overdrive.errors import ConfigError
 
 __all__ = ["RetryBudget", "RetryPolicy", "resolve_exceptions", "retry_after_of"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from overdrive import ConfigError
 from overdrive.plugins import resilience
 from overdrive.plugins.resilience import AsyncIOOptimizer

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from overdrive import ConfigError
 from overdrive.plugins.resilience import CircuitBreaker, CircuitBreakerConfig, CircuitOpenError
 from overdrive.plugins.resilience import breaker as breaker_module

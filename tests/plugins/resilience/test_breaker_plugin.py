@@ -6,12 +6,13 @@ import asyncio
 from typing import Any
 
 import pytest
-from overdrive import ConfigError, Overdrive
-from overdrive.contrib.testing import check_plugin, make_host, serve
-from overdrive.plugins.resilience import BreakerPlugin, CircuitOpenError, RetryPlugin
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
+
+from overdrive import ConfigError, Overdrive
+from overdrive.contrib.testing import check_plugin, make_host, serve
+from overdrive.plugins.resilience import BreakerPlugin, CircuitOpenError, RetryPlugin
 
 calls: dict[str, int] = {}
 

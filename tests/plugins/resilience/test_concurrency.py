@@ -7,6 +7,10 @@ import asyncio
 from typing import Any
 
 import pytest
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
 from overdrive import ConfigError, Overdrive, hookimpl
 from overdrive.contrib.testing import check_plugin, make_host, serve
 from overdrive.plugins.resilience import (
@@ -18,9 +22,6 @@ from overdrive.plugins.resilience import (
     ScalingController,
     Shed,
 )
-from starlette.applications import Starlette
-from starlette.responses import PlainTextResponse
-from starlette.routing import Route
 
 
 def test_check_plugin() -> None:

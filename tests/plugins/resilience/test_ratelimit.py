@@ -6,12 +6,13 @@ import asyncio
 from typing import Any
 
 import pytest
-from overdrive import ConfigError, Overdrive
-from overdrive.contrib.testing import check_plugin, serve
-from overdrive.plugins.resilience import RateLimiter, RateLimitPlugin
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
+
+from overdrive import ConfigError, Overdrive
+from overdrive.contrib.testing import check_plugin, serve
+from overdrive.plugins.resilience import RateLimiter, RateLimitPlugin
 
 
 async def hello(request: Any) -> PlainTextResponse:

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
+
 from overdrive import ConfigError, Overdrive
 from overdrive.contrib.testing import check_plugin, make_host
 from overdrive.errors import OperationRefused
