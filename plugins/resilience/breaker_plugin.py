@@ -163,7 +163,7 @@ class BreakerPlugin(Plugin):
         if not state:
             return
         entry = state.get(self.name)
-        if entry is None or entry is True:
+        if entry is None:
             return
         breaker, trial = entry
         if state.get(REJECTED) not in (None, self.name):
@@ -173,7 +173,8 @@ class BreakerPlugin(Plugin):
         if status is None and ctx.error is None:
             breaker.release(trial)  # the client left before an answer
             return
-        failed = status >= 500 if status is not None else True
+        # an app exception or timeout is a failure even when a fallback (stale copy) answered
+        failed = ctx.error is not None or (status is not None and status >= 500)
         await breaker.record(not failed, ctx.t_end - (ctx.t_app or ctx.t_start), trial)
 
     # -- operations ----------------------------------------------------------------------
