@@ -180,7 +180,14 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(len(values) * p / 100))]
 
 
-async def main(seconds: float) -> None:
+async def main(seconds: float, part: str) -> None:
+    if part in ("all", "overload"):
+        await overload(seconds)
+    if part in ("all", "downstream"):
+        await failing_downstream(seconds)
+
+
+async def overload(seconds: float) -> None:
     print(
         f"\n## Overload: app capacity {CAPACITY:.0f} req/s ({SLOTS} slots x {JOB * 1000:.0f} ms), "
         f"open loop for {seconds:.0f} s per row, client deadline {DEADLINE:.0f} s\n"
@@ -208,6 +215,8 @@ async def main(seconds: float) -> None:
             f"{2 * unloaded_p99 * 1000:.0f} ms and goodput >= 90% of capacity."
         )
 
+
+async def failing_downstream(seconds: float) -> None:
     print(
         f"\n## Failing downstream: each call waits {DEAD * 1000:.0f} ms then fails (502); "
         f"50 req/s for {seconds:.0f} s\n"
@@ -226,6 +235,9 @@ async def main(seconds: float) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds of load per row")
+    parser.add_argument(
+        "--part", choices=("all", "overload", "downstream"), default="all", help="what to run"
+    )
     parser.add_argument("--serve", choices=sorted(SERVER_CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -233,4 +245,4 @@ if __name__ == "__main__":
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
         serve(args.serve, args.port)
     else:
-        asyncio.run(main(args.seconds))
+        asyncio.run(main(args.seconds, args.part))
