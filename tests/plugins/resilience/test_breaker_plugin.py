@@ -192,3 +192,37 @@ async def test_shared_breaker_through_the_plugin(redis_url: str, namespace: str)
         assert (await a.client.get("/flaky")).status_code == 500
         await asyncio.sleep(0.3)  # past the other worker's sync interval
         assert (await b.client.get("/flaky")).status_code == 503
+
+
+async def test_half_open_race_through_the_middleware() -> None:
+    gate = asyncio.Event()
+    entered = 0
+
+    async def trial(request: Any) -> PlainTextResponse:
+        nonlocal entered
+        entered += 1
+        if request.query_params.get("fail"):
+            return PlainTextResponse("down", status_code=500)
+        await gate.wait()
+        return PlainTextResponse("up")
+
+    app = Starlette(routes=[Route("/gen", trial)])
+    config = {
+        "plugins": ["breaker"],
+        "breaker": {"failure_threshold": 1, "recovery_timeout": 0.02, "half_open_max_calls": 2},
+        "routes": [{"path": "/gen", "breaker": {}}],
+    }
+    async with serve(app, config=config) as h:
+        assert (await h.client.get("/gen?fail=1")).status_code == 500
+        await asyncio.sleep(0.03)
+        entered = 0
+        tasks = [asyncio.ensure_future(h.client.get("/gen")) for _ in range(50)]
+        for _ in range(500):
+            if sum(t.done() for t in tasks) + entered >= len(tasks):
+                break
+            await asyncio.sleep(0.01)
+        assert entered == 2
+        gate.set()
+        codes = sorted(r.status_code for r in await asyncio.gather(*tasks))
+        assert codes == [200] * 2 + [503] * 48
+        assert h.host.circuit_breakers["route:/gen"].state == "closed"

@@ -135,3 +135,16 @@ async def test_redis_unreachable_from_the_start(namespace: str) -> None:
         assert b.get_stats()["backend"] == "local-fallback"
     finally:
         await close(b)
+
+
+async def test_hung_redis_falls_back_too(private_redis, namespace: str) -> None:  # type: ignore[no-untyped-def]
+    b = CircuitBreaker("hung", shared_config(private_redis.url, namespace))
+    try:
+        assert await b.call(asyncio.sleep, 0, 1) == 1
+        private_redis.stop()  # SIGSTOP: the socket stays open, nothing answers
+        await asyncio.sleep(0.005)
+        assert await b.call(asyncio.sleep, 0, 2) == 2  # after the 250 ms socket timeout
+        assert b.get_stats()["backend"] == "local-fallback"
+    finally:
+        private_redis.cont()
+        await close(b)

@@ -114,6 +114,25 @@ async def test_redis_down_falls_back_to_local_counts(private_redis, namespace: s
         assert stats["storage_errors"] >= 1
 
 
+async def test_hung_redis_does_not_hold_requests(private_redis, namespace: str) -> None:  # type: ignore[no-untyped-def]
+    config = {
+        "plugins": ["ratelimit"],
+        "ratelimit": {
+            "limit": "5/minute",
+            "storage_url": private_redis.url,
+            "key_prefix": namespace,
+        },
+    }
+    async with serve(APP, config=config) as h:
+        assert (await h.client.get("/thumb")).status_code == 200
+        private_redis.stop()  # SIGSTOP: connections stay open, nothing answers
+        try:
+            assert (await h.client.get("/thumb")).status_code == 200
+            assert (await h.host.get_system_stats())["ratelimit"]["backend"] == "local-fallback"
+        finally:
+            private_redis.cont()
+
+
 async def test_limiter_on_its_own() -> None:
     limiter = RateLimiter("fixed-window")
     from limits import parse_many
