@@ -24,6 +24,8 @@ from functools import wraps
 from time import monotonic, perf_counter
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from overdrive.errors import OperationRefused
 
 from .breaker_config import OPERATOR_STATES, CircuitBreakerConfig, _CountWindow, _TimeWindow
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
     from .shared import SharedState
 
 __all__ = ["CircuitBreaker", "CircuitBreakerConfig", "CircuitOpenError"]
+
+logger = structlog.get_logger("overdrive.breaker")
 
 CLOSED = "closed"
 OPEN = "open"
@@ -138,7 +142,7 @@ class CircuitBreaker:
                 if asyncio.iscoroutine(result):
                     asyncio.get_running_loop().create_task(result)
             except Exception:
-                pass
+                logger.exception("breaker listener raised", breaker=self.name)
 
     def force_open(self) -> None:
         """Operator: reject every call until `reset()`."""
@@ -341,7 +345,7 @@ class CircuitBreaker:
 
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` (sync or async) through the breaker."""
-        if self._state == CLOSED and perf_counter() < self._next_sync:
+        if self._state == CLOSED and (self._shared is None or perf_counter() < self._next_sync):
             trial = False  # the fast path: no await before the call
         else:
             trial = await self.acquire()

@@ -226,3 +226,18 @@ async def test_half_open_race_through_the_middleware() -> None:
         codes = sorted(r.status_code for r in await asyncio.gather(*tasks))
         assert codes == [200] * 2 + [503] * 48
         assert h.host.circuit_breakers["route:/gen"].state == "closed"
+
+
+async def test_answers_of_other_plugins_are_not_the_apps_outcome() -> None:
+    config = {
+        "plugins": ["breaker", "ratelimit"],  # breaker first: the worst order
+        "breaker": {"failure_threshold": 1, "all_routes": True},
+        "ratelimit": {"limit": "1/minute"},
+    }
+    async with serve(make_app(), config=config) as h:
+        assert (await h.client.get("/fine")).status_code == 200
+        for _ in range(3):
+            assert (await h.client.get("/fine")).status_code == 429
+        stats = h.host.circuit_breakers["route:default"].get_stats()
+        assert stats["state"] == "closed"
+        assert stats["total_calls"] == 1
