@@ -45,40 +45,50 @@ class Shed(Exception):
 
 @dataclass
 class ScalingConfig:
-    """The seed's `ScalingConfig`, applied here to a concurrency limit: the limit stays
-    in [min_workers, max_workers], grows by `scale_step` when utilization (in-flight
-    over limit, averaged over `check_interval` seconds) is at or above
-    `scale_up_threshold`, and shrinks when at or below `scale_down_threshold`.
+    """The seed's `ScalingConfig`, applied here to a concurrency limit.
+
+    The same fields, defaults, checks and rule as `overdrive.plugins.tasks`'
+    `ScalingConfig` (whose `AutoScaler` scales a worker pool), so that one config
+    means the same thing in both places: every `check_interval` seconds, the load
+    (time-averaged requests in flight plus queued) per unit of limit is compared
+    with the thresholds; above `scale_up_threshold` the limit grows to HPA's
+    ``ceil(load / scale_up_threshold)`` (at least +1, at most `scale_up_step`
+    more), below `scale_down_threshold` it shrinks towards it; cooldowns keep it
+    from flapping; it stays in [min_workers, max_workers]. Kept here rather than
+    imported so that this package does not pull in the tasks plugin (taskiq).
     """
 
     min_workers: int = 1
     max_workers: int = 10
     scale_up_threshold: float = 0.8
     scale_down_threshold: float = 0.3
-    scale_step: int = 1
     check_interval: float = 1.0
+    scale_up_cooldown: float = 5.0
+    scale_down_cooldown: float = 30.0
+    scale_up_step: int | None = None
+    scale_down_step: int | None = None
 
     def __post_init__(self) -> None:
+        def fail(key: str, expected: str) -> None:
+            raise ConfigError(f"scaling.{key}: expected {expected}, got {getattr(self, key)!r}")
+
         if self.min_workers < 1:
-            raise ConfigError(f"scaling.min_workers: expected >= 1, got {self.min_workers!r}")
+            fail("min_workers", "an integer >= 1")
         if self.max_workers < self.min_workers:
-            raise ConfigError(
-                f"scaling.max_workers: expected >= min_workers ({self.min_workers}), "
-                f"got {self.max_workers!r}"
-            )
-        if not 0 < self.scale_up_threshold <= 1:
-            raise ConfigError(
-                f"scaling.scale_up_threshold: expected in (0, 1], got {self.scale_up_threshold!r}"
-            )
-        if not 0 <= self.scale_down_threshold < self.scale_up_threshold:
-            raise ConfigError(
-                f"scaling.scale_down_threshold: expected in [0, scale_up_threshold), "
-                f"got {self.scale_down_threshold!r}"
-            )
-        if self.scale_step < 1:
-            raise ConfigError(f"scaling.scale_step: expected >= 1, got {self.scale_step!r}")
+            fail("max_workers", f">= min_workers ({self.min_workers})")
+        for key in ("scale_up_threshold", "scale_down_threshold"):
+            if not 0 < getattr(self, key) <= 1:
+                fail(key, "a number in (0, 1]")
+        if self.scale_down_threshold >= self.scale_up_threshold:
+            fail("scale_down_threshold", f"< scale_up_threshold ({self.scale_up_threshold})")
         if not self.check_interval > 0:
-            raise ConfigError(f"scaling.check_interval: expected > 0, got {self.check_interval!r}")
+            fail("check_interval", "a number of seconds > 0")
+        for key in ("scale_up_cooldown", "scale_down_cooldown"):
+            if getattr(self, key) < 0:
+                fail(key, "a number of seconds >= 0")
+        for key in ("scale_up_step", "scale_down_step"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                fail(key, "an integer >= 1 or None")
 
 
 class _Partition:
@@ -356,9 +366,7 @@ class GradientController(_Controller):
 
 
 class ScalingController(_Controller):
-    """`ScalingConfig` semantics on the limit: time-weighted utilization over
-    `check_interval`, up by `scale_step` at `scale_up_threshold`, down at
-    `scale_down_threshold`."""
+    """`ScalingConfig` semantics on the limit (the rule of `AutoScaler`, see there)."""
 
     def __init__(self, config: ScalingConfig) -> None:
         super().__init__(config.min_workers, config.max_workers)
@@ -366,6 +374,9 @@ class ScalingController(_Controller):
         self._since = perf_counter()
         self._last = self._since
         self._area = 0.0
+        self._last_up = -math.inf
+        self._last_change = -math.inf
+        self.last_reason = ""
 
     def update(self, signal: float, dropped: bool) -> None:
         self.samples += 1
@@ -374,15 +385,45 @@ class ScalingController(_Controller):
         self._area += (lim.in_flight + lim.queued) * (now - self._last)
         self._last = now
         span = now - self._since
-        if span < self.config.check_interval:
+        c = self.config
+        if span < c.check_interval:
             return
-        utilization = self._area / span / max(1, lim.limit)
+        load = self._area / span  # requests in flight or queued, on average
         self._area = 0.0
         self._since = now
-        if utilization >= self.config.scale_up_threshold:
-            self._apply(self.estimate + self.config.scale_step)
-        elif utilization <= self.config.scale_down_threshold:
-            self._apply(self.estimate - self.config.scale_step)
+        limit = lim.limit
+        pressure = load / limit
+        target = max(c.min_workers, min(c.max_workers, math.ceil(load / c.scale_up_threshold)))
+        desired, reason = limit, "within thresholds"
+        if pressure > c.scale_up_threshold and limit < c.max_workers:
+            if now - self._last_up < c.scale_up_cooldown:
+                reason = "scale-up cooldown"
+            else:
+                desired = max(target, limit + 1)
+                if c.scale_up_step is not None:
+                    desired = min(desired, limit + c.scale_up_step)
+                desired = min(desired, c.max_workers)
+                reason = f"load {pressure:.2f}/slot > {c.scale_up_threshold}"
+        elif pressure < c.scale_down_threshold and limit > c.min_workers:
+            if now - self._last_change < c.scale_down_cooldown:
+                reason = "scale-down cooldown"
+            else:
+                desired = min(target, limit - 1)
+                if c.scale_down_step is not None:
+                    desired = max(desired, limit - c.scale_down_step)
+                desired = max(desired, c.min_workers)
+                reason = f"load {pressure:.2f}/slot < {c.scale_down_threshold}"
+        self.last_reason = reason
+        if desired != limit:
+            if desired > limit:
+                self._last_up = now
+            self._last_change = now
+            self._apply(float(desired))
 
     def stats(self) -> dict[str, Any]:
-        return {**super().stats(), "min_workers": self.min_limit, "max_workers": self.max_limit}
+        return {
+            **super().stats(),
+            "min_workers": self.min_limit,
+            "max_workers": self.max_limit,
+            "last_decision": self.last_reason,
+        }

@@ -130,22 +130,41 @@ def test_gradient_shrinks_the_limit_when_latency_rises() -> None:
 async def test_scaling_config_semantics_on_the_limit() -> None:
     cfg = ScalingConfig(
         min_workers=2,
-        max_workers=4,
+        max_workers=8,
         scale_up_threshold=0.8,
         scale_down_threshold=0.3,
         check_interval=0.001,
+        scale_up_cooldown=0,
+        scale_down_cooldown=0,
+        scale_up_step=1,
     )
+    ctl = ScalingController(cfg)
+    lim = ConcurrencyLimiter(2, controller=ctl)
+    seen = [lim.limit]
+    for _ in range(10):
+        lim.in_flight = lim.limit  # fully used: grows by one step at a time
+        await asyncio.sleep(0.002)
+        lim.sample(0.0)
+        seen.append(lim.limit)
+    assert seen[:4] == [2, 3, 4, 5]
+    assert lim.limit == 8  # capped at max_workers
+    for _ in range(10):
+        lim.in_flight = 0
+        await asyncio.sleep(0.002)
+        lim.sample(0.0)
+    assert lim.limit == 2  # floored at min_workers
+    assert ctl.stats()["last_decision"] == "within thresholds"
+
+
+async def test_scaling_cooldown_holds_the_limit() -> None:
+    cfg = ScalingConfig(min_workers=2, max_workers=8, check_interval=0.001, scale_up_cooldown=60)
     lim = ConcurrencyLimiter(2, controller=ScalingController(cfg))
     for _ in range(5):
         lim.in_flight = lim.limit
         await asyncio.sleep(0.002)
         lim.sample(0.0)
-    assert lim.limit == 4  # capped at max_workers
-    for _ in range(5):
-        lim.in_flight = 0
-        await asyncio.sleep(0.002)
-        lim.sample(0.0)
-    assert lim.limit == 2  # floored at min_workers
+    assert lim.limit == 3  # one scale-up, then the cooldown
+    lim.in_flight = 0
 
 
 @pytest.mark.parametrize(
@@ -155,6 +174,8 @@ async def test_scaling_config_semantics_on_the_limit() -> None:
         ({"min_workers": 5, "max_workers": 2}, "max_workers"),
         ({"scale_up_threshold": 1.5}, "scale_up_threshold"),
         ({"scale_down_threshold": 0.9}, "scale_down_threshold"),
+        ({"scale_up_cooldown": -1}, "scale_up_cooldown"),
+        ({"scale_down_step": 0}, "scale_down_step"),
     ],
 )
 def test_scaling_config_nonsense(kwargs: dict[str, Any], key: str) -> None:
