@@ -18,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from dataclasses import dataclass
 from time import perf_counter
 from typing import Any, NoReturn
 
 from overdrive.errors import ConfigError
+
+from ..scaling import ScalingConfig
 
 __all__ = [
     "AIMDController",
@@ -41,54 +42,6 @@ class Shed(Exception):
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
-
-
-@dataclass
-class ScalingConfig:
-    """The seed's `ScalingConfig`, applied here to a concurrency limit.
-
-    The same fields, defaults, checks and rule as `overdrive.plugins.tasks`'
-    `ScalingConfig` (whose `AutoScaler` scales a worker pool), so that one config
-    means the same thing in both places: every `check_interval` seconds, the load
-    (time-averaged requests in flight plus queued) per unit of limit is compared
-    with the thresholds; above `scale_up_threshold` the limit grows to HPA's
-    ``ceil(load / scale_up_threshold)`` (at least +1, at most `scale_up_step`
-    more), below `scale_down_threshold` it shrinks towards it; cooldowns keep it
-    from flapping; it stays in [min_workers, max_workers]. Kept here rather than
-    imported so that this package does not pull in the tasks plugin (taskiq).
-    """
-
-    min_workers: int = 1
-    max_workers: int = 10
-    scale_up_threshold: float = 0.8
-    scale_down_threshold: float = 0.3
-    check_interval: float = 1.0
-    scale_up_cooldown: float = 5.0
-    scale_down_cooldown: float = 30.0
-    scale_up_step: int | None = None
-    scale_down_step: int | None = None
-
-    def __post_init__(self) -> None:
-        def fail(key: str, expected: str) -> None:
-            raise ConfigError(f"scaling.{key}: expected {expected}, got {getattr(self, key)!r}")
-
-        if self.min_workers < 1:
-            fail("min_workers", "an integer >= 1")
-        if self.max_workers < self.min_workers:
-            fail("max_workers", f">= min_workers ({self.min_workers})")
-        for key in ("scale_up_threshold", "scale_down_threshold"):
-            if not 0 < getattr(self, key) <= 1:
-                fail(key, "a number in (0, 1]")
-        if self.scale_down_threshold >= self.scale_up_threshold:
-            fail("scale_down_threshold", f"< scale_up_threshold ({self.scale_up_threshold})")
-        if not self.check_interval > 0:
-            fail("check_interval", "a number of seconds > 0")
-        for key in ("scale_up_cooldown", "scale_down_cooldown"):
-            if getattr(self, key) < 0:
-                fail(key, "a number of seconds >= 0")
-        for key in ("scale_up_step", "scale_down_step"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                fail(key, "an integer >= 1 or None")
 
 
 class _Partition:
