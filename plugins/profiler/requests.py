@@ -1,0 +1,153 @@
+"""Per-route request figures: what the `profiler` plugin records for each request.
+
+Series are keyed by (route template, method, status class). The template is
+read from ``scope["route"].path`` after the app routed the request (Starlette
+and FastAPI set it, as OpenTelemetry's instrumentations read it), so nothing
+is matched twice and a raw path never becomes a label: unrouted requests fold
+into `UNMATCHED`, and past `max_series` new keys fold into `OVERFLOW`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import Any
+
+from .histogram import LogHistogram
+
+__all__ = ["OVERFLOW", "PHASES", "UNMATCHED", "RequestMetrics", "RollingWindow", "Series"]
+
+UNMATCHED = "<unmatched>"
+OVERFLOW = "<other>"
+PHASES = ("admission", "lookup", "queue_wait", "running", "time_to_first_byte", "app")
+_STATUS_CLASS = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
+_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
+)
+
+
+def route_template(scope: MutableMapping[str, Any]) -> str:
+    """The app's route template for this request (``/videos/{id}``), or `UNMATCHED`."""
+    route = scope.get("route")
+    if route is None:
+        return UNMATCHED
+    path = getattr(route, "path", None)
+    if not isinstance(path, str):
+        return UNMATCHED
+    app_root = scope.get("app_root_path")
+    if app_root is not None:  # inside a Mount: prefix the mount's part of root_path
+        root = scope.get("root_path", "")
+        if len(root) > len(app_root):
+            return root[len(app_root) :] + path
+    return path
+
+
+class Series:
+    """Figures of one (route, method, status class)."""
+
+    __slots__ = ("bytes", "count", "errors", "histogram", "key", "phases", "timeouts")
+
+    def __init__(self, key: tuple[str, str, str]) -> None:
+        self.key = key
+        self.histogram = LogHistogram()
+        self.count = 0
+        self.errors = 0
+        self.timeouts = 0
+        self.bytes = 0
+        # seconds summed per phase, in PHASES order
+        self.phases = [0.0] * len(PHASES)
+
+
+class RollingWindow:
+    """Requests and errors per second over the last `seconds` (a ring of 1 s slots)."""
+
+    __slots__ = ("_errors", "_requests", "_seconds", "_stamp", "seconds")
+
+    def __init__(self, seconds: int = 60) -> None:
+        self.seconds = seconds
+        self._requests = [0] * seconds
+        self._errors = [0] * seconds
+        self._seconds = [0] * seconds  # which second each slot holds
+        self._stamp = -1
+
+    def add(self, now: float, error: bool) -> None:
+        sec = int(now)
+        slot = sec % self.seconds
+        if self._seconds[slot] != sec:
+            self._seconds[slot] = sec
+            self._requests[slot] = 0
+            self._errors[slot] = 0
+        self._requests[slot] += 1
+        if error:
+            self._errors[slot] += 1
+
+    def rates(self, now: float) -> tuple[float, float]:
+        """(requests per second, error ratio) over the complete seconds of the window."""
+        sec = int(now)
+        lo = sec - self.seconds
+        requests = errors = 0
+        for i in range(self.seconds):
+            s = self._seconds[i]
+            if lo <= s < sec:  # the current second is still filling
+                requests += self._requests[i]
+                errors += self._errors[i]
+        span = self.seconds
+        return requests / span, (errors / requests if requests else 0.0)
+
+
+class RequestMetrics:
+    """All request series of one host, plus in-flight and a recent-latency window."""
+
+    def __init__(self, max_series: int = 1000, window: int = 60, recent: float = 30.0) -> None:
+        self.max_series = max_series
+        self.series: dict[tuple[str, str, str], Series] = {}
+        self.in_flight = 0
+        self.window = RollingWindow(window)
+        # Two histograms that take turns, so "recent" percentiles cover `recent`..2x`recent` s.
+        self.recent_seconds = recent
+        self._recent = LogHistogram()
+        self._previous = LogHistogram()
+        self._recent_until = 0.0
+
+    def get(self, route: str, method: str, status: int | None) -> Series:
+        if method not in _METHODS:
+            method = "OTHER"
+        cls = _STATUS_CLASS[status // 100] if status is not None and 0 < status < 600 else "5xx"
+        key = (route, method, cls)
+        series = self.series.get(key)
+        if series is None:
+            if len(self.series) >= self.max_series:
+                key = (OVERFLOW, method, cls)
+                series = self.series.get(key)
+            if series is None:
+                series = self.series[key] = Series(key)
+        return series
+
+    def record_recent(self, now: float, seconds: float) -> None:
+        if now >= self._recent_until:
+            self._rotate(now)
+        self._recent.record(seconds)
+
+    def _rotate(self, now: float) -> None:
+        old = self._previous
+        old.reset()
+        self._previous = self._recent
+        self._recent = old
+        self._recent_until = now + self.recent_seconds
+
+    def recent(self, now: float) -> LogHistogram:
+        """Latencies of the last `recent`..2x`recent` seconds, merged."""
+        if now >= self._recent_until + self.recent_seconds:
+            self._rotate(now)
+            self._rotate(now)
+        elif now >= self._recent_until:
+            self._rotate(now)
+        merged = LogHistogram()
+        merged.merge(self._previous)
+        merged.merge(self._recent)
+        return merged
+
+    def total(self) -> LogHistogram:
+        merged = LogHistogram()
+        for series in list(self.series.values()):
+            merged.merge(series.histogram)
+        return merged
