@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from overdrive import Plugin, hookimpl
+from overdrive.plugins.profiler.requests import RouteName
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -81,6 +82,9 @@ _LABEL_FOR = {
     "caches": "cache",
     "workers": "worker",
 }
+_IDENTITY = frozenset({"index", "device", "id"})
+# Cumulative figures that do not look like counters by their key alone.
+_COUNTER_NAMES = frozenset({"disk_read_bytes", "disk_write_bytes"})
 _MACHINE_WIDE = frozenset({"system", "gpu"})
 _SKIP_SECTIONS = frozenset({"profiler", "host", "timestamp"})
 _BAD = re.compile(r"[^a-zA-Z0-9_]")
@@ -133,7 +137,7 @@ def _leaf(prefix: str, key: str, value: Any) -> tuple[str, float, str] | None:
         key, v = "ratio", v / 100
     if key.endswith("_total"):
         return _metric_name(prefix, key[:-6]), v, "counter"
-    if key in _COUNTER_KEYS:
+    if key in _COUNTER_KEYS or key in _COUNTER_NAMES:
         return _metric_name(prefix, key), v, "counter"
     return _metric_name(prefix, key), v, "gauge"
 
@@ -163,6 +167,15 @@ def flatten_stats(
     return out
 
 
+def _child_prefix(prefix: str, key: str, label: str) -> str:
+    """``overdrive_gpu`` + ``devices`` -> ``overdrive_gpu_device``; ``overdrive_breaker`` +
+    ``breakers`` -> ``overdrive_breaker`` (the label already says which breaker)."""
+    singular = _LABEL_FOR.get(key, key)
+    if prefix.endswith("_" + singular) or (label == singular and prefix.endswith(singular)):
+        return prefix
+    return _metric_name(prefix, singular)
+
+
 def _walk(
     out: list[Sample],
     prefix: str,
@@ -177,10 +190,11 @@ def _walk(
             children = list(value.values())
             if children and all(isinstance(c, Mapping) for c in children):
                 label = _LABEL_FOR.get(key, "name")
+                child_prefix = _child_prefix(prefix, key, label)
                 for child_name, child in value.items():
                     _walk(
                         out,
-                        _metric_name(prefix, _LABEL_FOR.get(key, key)),
+                        child_prefix,
                         child,
                         {**labels, label: str(child_name)},
                         mode,
@@ -191,11 +205,12 @@ def _walk(
         elif isinstance(value, list):
             if value and all(isinstance(c, Mapping) for c in value):
                 label = _LABEL_FOR.get(key, "index")
+                child_prefix = _child_prefix(prefix, key, label)
                 for i, child in enumerate(value):
                     ident = child.get("index", child.get("device", child.get("name", i)))
                     _walk(
                         out,
-                        _metric_name(prefix, _LABEL_FOR.get(key, key)),
+                        child_prefix,
                         child,
                         {**labels, label: str(ident)},
                         mode,
@@ -213,6 +228,8 @@ def _walk(
                         "liveall",
                     )
                 )
+        elif key in _IDENTITY and labels:
+            continue  # the item's own id, already a label
         else:
             leaf = _leaf(prefix, key, value)
             if leaf is not None:
@@ -582,6 +599,7 @@ class PrometheusPlugin(Plugin):
             host, namespace=s.namespace, buckets=tuple(s.buckets), multiprocess=s.multiprocess
         )
         self._path = s.path
+        self._route = RouteName(s.path or "")
         self._task: asyncio.Task[None] | None = None
 
     @hookimpl
@@ -609,5 +627,6 @@ class PrometheusPlugin(Plugin):
     @hookimpl(tryfirst=True)
     def before_request(self, ctx: Any) -> Any:
         if ctx.path == self._path:
+            ctx.scope["route"] = self._route  # filed under its own path, not "<unmatched>"
             return self.exporter.asgi
         return None

@@ -26,6 +26,8 @@ from urllib.parse import parse_qsl
 from overdrive import ConfigError, Plugin, hookimpl
 from starlette.responses import Response
 
+from .profiler.requests import RouteName
+
 __all__ = ["StatsPlugin", "json_safe"]
 
 _COOKIE = "overdrive_token"
@@ -101,6 +103,11 @@ class StatsPlugin(Plugin):
         self._static = prefix + "/static/"
         self._token = _digest(s.token) if s.token is not None else None
         self._denied = 404 if s.hide else 401
+        self._routes = {
+            "stats": RouteName(self._stats_path),
+            "page": RouteName(self._page_path),
+            "asset": RouteName(self._static + "{name}"),
+        }
         self._assets: dict[str, tuple[bytes, str]] = {}
         if s.dashboard:
             from overdrive.contrib.dashboard import ASSETS, read_asset
@@ -165,6 +172,7 @@ class StatsPlugin(Plugin):
             kind = "asset"
         else:
             return None
+        ctx.scope["route"] = self._routes[kind]
         if ctx.method not in ("GET", "HEAD"):
             return Response(b"Method Not Allowed", 405, headers={"allow": "GET, HEAD"})
         given, from_query = self._given_token(ctx)

@@ -70,12 +70,16 @@ class LogHistogram:
         self.max = 0.0
 
     def record(self, value: float) -> None:
-        """Add one value in seconds (negative values count as 0)."""
+        """Add one value in seconds (negative values and NaN count as 0)."""
         if value >= self.lowest:
-            i = int((log(value) - self._log_lowest) * self._inv_log_gamma) + 1
-            self.counts[i if i < self._top else self._top] += 1
+            top = self._top
+            if value < self.highest:
+                i = int((log(value) - self._log_lowest) * self._inv_log_gamma) + 1
+                self.counts[i if i < top else top] += 1
+            else:
+                self.counts[top] += 1
         else:
-            if value < 0:
+            if not value >= 0:  # negative or NaN
                 value = 0.0
             self.counts[0] += 1
         if self.count == 0 or value < self.min:

@@ -14,7 +14,16 @@ from typing import Any
 
 from .histogram import LogHistogram
 
-__all__ = ["OVERFLOW", "PHASES", "UNMATCHED", "RequestMetrics", "RollingWindow", "Series"]
+__all__ = [
+    "OVERFLOW",
+    "PHASES",
+    "UNMATCHED",
+    "RequestMetrics",
+    "RollingWindow",
+    "RouteName",
+    "Series",
+    "route_template",
+]
 
 UNMATCHED = "<unmatched>"
 OVERFLOW = "<other>"
@@ -39,6 +48,16 @@ def route_template(scope: MutableMapping[str, Any]) -> str:
         if len(root) > len(app_root):
             return root[len(app_root) :] + path
     return path
+
+
+class RouteName:
+    """Stands in for a routed app's ``scope["route"]``, so that the profiler and the
+    access log file our own endpoints under their path, not under "<unmatched>"."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
 
 
 class Series:

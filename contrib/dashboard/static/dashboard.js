@@ -157,7 +157,7 @@
   }
 
   function fmt(v) {
-    if (v === 0) return "0";
+    if (Number.isInteger(v)) return String(v);
     const a = Math.abs(v);
     if (a >= 1000) return v.toFixed(0);
     if (a >= 10) return v.toFixed(1);
@@ -279,8 +279,14 @@
     breakers(stats);
     routes(stats);
     const failing = Object.keys(stats).filter((k) => stats[k] && typeof stats[k] === "object" && "error" in stats[k] && Object.keys(stats[k]).length === 1);
+    const plugins = get(stats, "host.plugins") || {};
+    const quarantined = Object.keys(plugins).filter((k) => plugins[k] && plugins[k].quarantined);
     const reqs = num(get(stats, "profiler.requests"));
-    summary.textContent = (reqs !== null ? reqs + " requests" : "") + (failing.length ? "  ·  stats failed: " + failing.join(", ") : "");
+    const parts = [];
+    if (reqs !== null) parts.push(reqs + " requests");
+    if (failing.length) parts.push("stats failed: " + failing.join(", "));
+    if (quarantined.length) parts.push("quarantined: " + quarantined.join(", "));
+    summary.textContent = parts.join("  ·  ");
     document.body.dataset.updates = String((Number(document.body.dataset.updates) || 0) + 1);
   }
 
