@@ -21,10 +21,11 @@ from time import perf_counter
 from typing import Any, ClassVar, Literal
 
 import structlog
-from overdrive import Plugin, hookimpl
 from structlog.contextvars import bind_contextvars, get_contextvars, reset_contextvars
 
-from .profiler.requests import route_template
+from overdrive import Plugin, hookimpl
+
+from .profiler.requests import request_error, route_template
 
 __all__ = ["AccessLogPlugin", "RequestIdFilter"]
 
@@ -99,8 +100,10 @@ class AccessLogPlugin(Plugin):
             return
         status = ctx.status
         error = ctx.error
-        if status is None:
-            status = 500 if error is not None else 0
+        if error is None and (status is None or status >= 500):
+            error = request_error(ctx)
+        if status is None:  # no response started: the app raised, or the client left
+            status = 500
         fields: dict[str, Any] = {
             "request_id": ctx.request_id,
             "route": route_template(ctx.scope),

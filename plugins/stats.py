@@ -1,7 +1,8 @@
 """The `stats` plugin: ``/overdrive/stats`` (JSON) and the live dashboard at ``/overdrive/``.
 
 Off unless enabled, and then protected by a token from configuration unless
-``public = true`` is said explicitly. The token may come as
+``public = true`` is said explicitly; enabled with neither, it stays off (the
+app answers those paths, usually 404) and says so in a warning at startup. The token may come as
 ``Authorization: Bearer <token>``, as ``?token=<token>`` (the dashboard's
 first load; the answer sets an HttpOnly cookie so that the page's own requests
 need no token in the URL) or as that cookie. Tokens are compared as SHA-256
@@ -23,12 +24,16 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl
 
-from overdrive import ConfigError, Plugin, hookimpl
+import structlog
 from starlette.responses import Response
+
+from overdrive import ConfigError, Plugin, hookimpl
 
 from .profiler.requests import RouteName
 
 __all__ = ["StatsPlugin", "json_safe"]
+
+logger = structlog.get_logger("overdrive.stats")
 
 _COOKIE = "overdrive_token"
 _NO_STORE = {"cache-control": "no-store"}
@@ -90,10 +95,12 @@ class StatsPlugin(Plugin):
         s = self.settings
         if s is None:
             s = self.settings = self.Settings()
-        if s.token is None and not s.public:
-            raise ConfigError(
-                "stats.token: expected a token (or stats.public = true to serve the "
-                "figures to anyone), got none"
+        # Enabled without a token (and not public): serve nothing at all, say so once.
+        self._off = s.token is None and not s.public
+        if self._off:
+            logger.warning(
+                "stats: no stats.token set and stats.public is false; "
+                "the stats endpoint and the dashboard stay off"
             )
         prefix = "" if s.path == "/" else s.path
         self._host = host
@@ -162,7 +169,7 @@ class StatsPlugin(Plugin):
     @hookimpl(tryfirst=True)
     def before_request(self, ctx: Any) -> Any:
         path = ctx.path
-        if not path.startswith(self._prefix):
+        if not path.startswith(self._prefix) or self._off:
             return None
         if path == self._stats_path:
             kind = "stats"

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from overdrive import ConfigError, Plugin, hookimpl
 
 from .profiler import PerformanceProfiler
-from .requests import PHASES, RequestMetrics, route_template
+from .requests import PHASES, RequestMetrics, request_error, route_template
 
 __all__ = ["ProfilerPlugin"]
 
@@ -113,7 +113,9 @@ class ProfilerPlugin(Plugin):
         m.in_flight -= 1
         status = ctx.status
         error = ctx.error
-        if status is None and error is not None:
+        if error is None and (status is None or status >= 500):
+            error = request_error(ctx)
+        if status is None:  # no response started: the app raised, or the client left
             status = 500
         series = m.get(route_template(ctx.scope), ctx.method, status)
         t_start = ctx.t_start
@@ -121,7 +123,7 @@ class ProfilerPlugin(Plugin):
         total = t_end - t_start
         series.histogram.record(total)
         series.count += 1
-        failed = error is not None or (status is not None and status >= 500)
+        failed = error is not None or status >= 500
         if failed:
             series.errors += 1
             if isinstance(error, TimeoutError) and ctx.timeout is not None:

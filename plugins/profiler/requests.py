@@ -9,6 +9,7 @@ into `UNMATCHED`, and past `max_series` new keys fold into `OVERFLOW`.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -22,6 +23,7 @@ __all__ = [
     "RollingWindow",
     "RouteName",
     "Series",
+    "request_error",
     "route_template",
 ]
 
@@ -58,6 +60,23 @@ class RouteName:
 
     def __init__(self, path: str) -> None:
         self.path = path
+
+
+def request_error(ctx: Any) -> BaseException | None:
+    """The exception that ended the request, if any.
+
+    ``ctx.error`` is set when the middleware watched the app (a timeout or an
+    `on_failure` plugin is in play); on its lean path the app's exception just
+    propagates through `after_request`, which runs in the middleware's
+    ``finally``, so it is read from `sys.exc_info` there. Only consulted when
+    the response did not start or was a 5xx.
+    """
+    error = ctx.error
+    if error is None and (ctx.status is None or ctx.status >= 500):
+        error = sys.exc_info()[1]
+        if not isinstance(error, Exception):
+            error = None
+    return error
 
 
 class Series:

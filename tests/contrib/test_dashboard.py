@@ -21,12 +21,13 @@ from typing import Any
 
 import httpx
 import pytest
-from overdrive import hookimpl
-from overdrive.contrib.testing import make_host
-from overdrive.middleware import OverdriveMiddleware
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
+
+from overdrive import hookimpl
+from overdrive.contrib.testing import make_host
+from overdrive.middleware import OverdriveMiddleware
 
 TOKEN = "dashboard-test-token"
 CHROMIUM = os.environ.get("OVERDRIVE_CHROMIUM", "/usr/bin/chromium")

@@ -10,15 +10,16 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-import overdrive.contrib.prometheus as prometheus_module
 import pytest
-from overdrive import hookimpl
-from overdrive.contrib.prometheus import PrometheusPlugin, flatten_stats, make_asgi_app
-from overdrive.contrib.testing import check_plugin, make_host, serve
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
+
+import overdrive.contrib.prometheus as prometheus_module
+from overdrive import hookimpl
+from overdrive.contrib.prometheus import PrometheusPlugin, flatten_stats, make_asgi_app
+from overdrive.contrib.testing import check_plugin, make_host, serve
 
 
 async def video(request):  # type: ignore[no-untyped-def]

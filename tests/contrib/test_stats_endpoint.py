@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import overdrive.plugins.stats as stats_module
 import pytest
-from overdrive import ConfigError, hookimpl
-from overdrive.contrib.testing import check_plugin, make_host, serve
-from overdrive.plugins.stats import StatsPlugin, json_safe
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
+
+import overdrive.plugins.stats as stats_module
+from overdrive import ConfigError, hookimpl
+from overdrive.contrib.testing import check_plugin, make_host, serve
+from overdrive.plugins.stats import StatsPlugin, json_safe
 
 TOKEN = "s3cret-token-for-tests"
 
@@ -52,9 +53,14 @@ def test_plugin_meets_the_hook_contract() -> None:
     check_plugin(StatsPlugin)
 
 
-def test_a_token_is_required_unless_public() -> None:
-    with pytest.raises(ConfigError, match=r"stats.token: expected a token"):
-        make_host(config={"plugins": ["stats"]})
+async def test_without_a_token_or_public_it_stays_off() -> None:
+    async with serve(APP, config={"plugins": ["stats"]}) as h:
+        assert (await h.client.get("/overdrive/stats")).status_code == 404
+        assert (await h.client.get("/overdrive/stats?token=anything")).status_code == 404
+        assert (await h.client.get("/overdrive/")).status_code == 404
+
+
+def test_bad_settings_are_refused() -> None:
     with pytest.raises(ConfigError, match=r"stats.token: expected at least 8"):
         make_host(config={"plugins": ["stats"], "stats": {"token": "short"}})
     with pytest.raises(ConfigError, match=r"stats.path"):

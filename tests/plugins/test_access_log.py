@@ -6,15 +6,16 @@ import io
 import json
 import logging
 
-import overdrive.plugins.access_log as access_log_module
 import pytest
 import structlog
-from overdrive import Lease, RequestContext, hookimpl
-from overdrive.contrib.testing import check_plugin, serve
-from overdrive.plugins.access_log import AccessLogPlugin, RequestIdFilter
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+import overdrive.plugins.access_log as access_log_module
+from overdrive import Lease, RequestContext, hookimpl
+from overdrive.contrib.testing import check_plugin, serve
+from overdrive.plugins.access_log import AccessLogPlugin, RequestIdFilter
 
 app_log = structlog.get_logger("app")
 std_log = logging.getLogger("test.app")
@@ -168,3 +169,20 @@ async def test_unmatched_paths_log_as_one_route_and_path_only_when_asked() -> No
     assert event["route"] == "<unmatched>"
     assert event["path"] == "/wp-login.php"
     assert event["status"] == 404
+
+
+async def test_500_when_the_middleware_sits_inside_starlettes_error_handler() -> None:
+    """app.add_middleware: the exception passes our middleware before any response."""
+    from overdrive.contrib.testing import make_host
+    from overdrive.middleware import OverdriveMiddleware
+
+    buf = io.StringIO()
+    host = make_host(AccessLogPlugin(stream=buf), config={"plugins": ["profiler", "access_log"]})
+    app = Starlette(routes=[Route("/boom", boom)])
+    app.add_middleware(OverdriveMiddleware, host=host)
+    async with serve(app, raise_app_exceptions=False) as h:
+        assert (await h.client.get("/boom")).status_code == 500
+    [event] = _events(buf)
+    assert event["status"] == 500 and event["error"] == "RuntimeError"
+    series = host.request_metrics.series[("/boom", "GET", "5xx")]
+    assert series.count == 1 and series.errors == 1

@@ -6,9 +6,13 @@ import asyncio
 import math
 import random
 
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse, StreamingResponse
+from starlette.routing import Mount, Route
+
 import overdrive
 import overdrive.plugins.profiler as profiler_module
-import pytest
 from overdrive import Overdrive, RequestContext, hookimpl
 from overdrive.contrib.testing import check_plugin, make_host, serve
 from overdrive.plugins.profiler import (
@@ -19,9 +23,6 @@ from overdrive.plugins.profiler import (
     route_template,
 )
 from overdrive.plugins.profiler.requests import OVERFLOW, UNMATCHED, RollingWindow
-from starlette.applications import Starlette
-from starlette.responses import PlainTextResponse, StreamingResponse
-from starlette.routing import Mount, Route
 
 
 def test_public_names_are_pinned() -> None:
