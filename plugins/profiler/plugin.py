@@ -46,7 +46,7 @@ class ProfilerPlugin(Plugin):
     class Settings:
         max_series: int = 1000  # (route, method, status class) series kept; then "<other>"
         window_seconds: int = 60  # throughput and error rate are over this rolling window
-        recent_seconds: float = 30.0  # "recent" percentiles cover 1-2 of these
+        recent_seconds: float = 30.0  # "recent" percentiles: since a snapshot this old
         server_timing: bool = False  # add a Server-Timing header to responses
         profile_operations: bool = True  # profile host.run(name, ...) under its name
         track_memory: bool = True  # RSS delta in PerformanceProfiler reports
@@ -153,7 +153,6 @@ class ProfilerPlugin(Plugin):
             phases[2] += wait
         phases[3] += total - wait
         m.window.add(t_end, failed)
-        m.record_recent(t_end, total)
 
     # -- operations ---------------------------------------------------------------
 
@@ -174,9 +173,9 @@ class ProfilerPlugin(Plugin):
         now = perf_counter()
         rps, error_rate = m.window.rates(now)
         total = m.total()
-        recent = m.recent(now)
+        recent = m.recent(now, total)
         p50, p95, p99 = total.percentiles((50, 95, 99))
-        r50, r95, r99 = recent.percentiles((50, 95, 99))
+        r50, r95, r99, rmax = recent.percentiles((50, 95, 99, 100))
         routes = []
         errors = timeouts = nbytes = 0
         for series in list(m.series.values()):
@@ -224,7 +223,7 @@ class ProfilerPlugin(Plugin):
                 "p50": r50,
                 "p95": r95,
                 "p99": r99,
-                "max": recent.max,
+                "max": rmax,
             },
             "series": len(m.series),
             "routes": routes,

@@ -10,6 +10,7 @@ into `UNMATCHED`, and past `max_series` new keys fold into `OVERFLOW`.
 from __future__ import annotations
 
 import sys
+from collections import deque
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -140,11 +141,10 @@ class RequestMetrics:
         self.series: dict[tuple[str, str, str], Series] = {}
         self.in_flight = 0
         self.window = RollingWindow(window)
-        # Two histograms that take turns, so "recent" percentiles cover `recent`..2x`recent` s.
+        # "Recent" percentiles: the total now minus a snapshot of it taken at least
+        # `recent` seconds ago (snapshots are taken when figures are read, never per request).
         self.recent_seconds = recent
-        self._recent = LogHistogram()
-        self._previous = LogHistogram()
-        self._recent_until = 0.0
+        self._snapshots: deque[tuple[float, list[int], int, float]] = deque(maxlen=256)
 
     def get(self, route: str, method: str, status: int | None) -> Series:
         if method not in _METHODS:
@@ -160,29 +160,28 @@ class RequestMetrics:
                 series = self.series[key] = Series(key)
         return series
 
-    def record_recent(self, now: float, seconds: float) -> None:
-        if now >= self._recent_until:
-            self._rotate(now)
-        self._recent.record(seconds)
+    def recent(self, now: float, total: LogHistogram) -> LogHistogram:
+        """Latencies recorded since a snapshot `recent_seconds` (or a little more) ago.
 
-    def _rotate(self, now: float) -> None:
-        old = self._previous
-        old.reset()
-        self._previous = self._recent
-        self._recent = old
-        self._recent_until = now + self.recent_seconds
-
-    def recent(self, now: float) -> LogHistogram:
-        """Latencies of the last `recent`..2x`recent` seconds, merged."""
-        if now >= self._recent_until + self.recent_seconds:
-            self._rotate(now)
-            self._rotate(now)
-        elif now >= self._recent_until:
-            self._rotate(now)
-        merged = LogHistogram()
-        merged.merge(self._previous)
-        merged.merge(self._recent)
-        return merged
+        `total` is `self.total()` now. Before the first such snapshot: `total`.
+        """
+        snaps = self._snapshots
+        baseline = None
+        while snaps and now - snaps[0][0] >= self.recent_seconds:
+            baseline = snaps.popleft()
+        if baseline is not None:
+            snaps.appendleft(baseline)  # keep it until a younger one is old enough
+        if not snaps or now - snaps[-1][0] >= 1.0:
+            snaps.append((now, list(total.counts), total.count, total.sum))
+        if baseline is None:
+            return total
+        _, counts, count, seconds = baseline
+        recent = LogHistogram()
+        recent.counts = [a - b for a, b in zip(total.counts, counts, strict=True)]
+        recent.count = total.count - count
+        recent.sum = total.sum - seconds
+        recent.min, recent.max = total.min, total.max  # bounds for clamping only
+        return recent
 
     def total(self) -> LogHistogram:
         merged = LogHistogram()

@@ -378,3 +378,17 @@ def test_rolling_window_rates() -> None:
     assert rps == pytest.approx(5.0)
     assert error_rate == pytest.approx(0.5)
     assert w.rates(200.0) == (0.0, 0.0)  # old seconds fall out of the window
+
+
+def test_recent_percentiles_cover_the_last_window_only() -> None:
+    m = RequestMetrics(recent=30.0)
+    old = m.get("/a", "GET", 200)
+    for _ in range(100):
+        old.histogram.record(2.0)  # slow, long ago
+    assert m.recent(1000.0, m.total()).percentile(50) == pytest.approx(2.0, rel=0.01)
+    for _ in range(10):
+        old.histogram.record(0.01)  # fast, lately
+    recent = m.recent(1031.0, m.total())  # the snapshot at t=1000 is the baseline
+    assert recent.count == 10
+    assert recent.percentile(99) == pytest.approx(0.01, rel=0.01)
+    assert m.total().count == 110
