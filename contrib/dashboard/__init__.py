@@ -19,4 +19,4 @@ def read_asset(name: str) -> bytes:
     """The bytes of one of `ASSETS`."""
     if name not in ASSETS:
         raise KeyError(name)
-    return files(__name__).joinpath("static", name).read_bytes()
+    return files(__name__).joinpath(name).read_bytes()
