@@ -34,6 +34,10 @@ def test_wheel_has_one_top_level_package(tmp_path: Path) -> None:
     assert "overdrive/py.typed" in names
     for sub in ("middleware", "plugins", "contrib"):
         assert f"overdrive/{sub}/__init__.py" in names
+    # The dashboard ships its page, script and styles (package data, no CDN).
+    for asset in ("index.html", "dashboard.js", "dashboard.css"):
+        assert f"overdrive/contrib/dashboard/{asset}" in names
+    assert "overdrive/plugins/profiler/histogram.py" in names
     entry_points = (
         zipfile.ZipFile(wheel)
         .read(next(n for n in names if n.endswith("entry_points.txt")))
