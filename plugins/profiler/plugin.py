@@ -144,8 +144,7 @@ class ProfilerPlugin(Plugin):
             phases[0] += ctx.t_admitted - t_start
         t_app = ctx.t_app
         if t_app:
-            if ctx.t_admitted:
-                phases[1] += t_app - ctx.t_admitted
+            phases[1] += t_app - t_start
             if ctx.t_first_byte:
                 phases[4] += ctx.t_first_byte - t_app
             phases[5] += t_end - t_app

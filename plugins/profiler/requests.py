@@ -30,7 +30,11 @@ __all__ = [
 
 UNMATCHED = "<unmatched>"
 OVERFLOW = "<other>"
-PHASES = ("admission", "lookup", "queue_wait", "running", "time_to_first_byte", "app")
+# As in ``ctx.timings``: admission (before_request), before_app (everything before the
+# app: admission, cache lookup, GPU admission), time_to_first_byte and app (from the
+# app's start); queue_wait (what plugins added to ctx.queue_wait) and running (the
+# request's whole time minus queue_wait) kept apart.
+PHASES = ("admission", "before_app", "queue_wait", "running", "time_to_first_byte", "app")
 _STATUS_CLASS = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 _METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}

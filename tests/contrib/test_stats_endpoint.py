@@ -157,3 +157,13 @@ def test_json_safe() -> None:
         "a": [1.0, None],
         "2": [True, None],
     }
+
+
+async def test_token_from_the_environment() -> None:
+    from overdrive import Overdrive
+
+    host = Overdrive({"plugins": ["stats"]}, env={"OVERDRIVE_STATS__TOKEN": TOKEN})
+    async with serve(APP, host=host) as h:
+        assert (await h.client.get("/overdrive/stats")).status_code == 401
+        auth = {"authorization": f"Bearer {TOKEN}"}
+        assert (await h.client.get("/overdrive/stats", headers=auth)).status_code == 200
