@@ -8,7 +8,9 @@ Nothing is done per request: the `profiler` plugin already keeps per-route
 histograms and counters, and other plugins report through `collect_stats`;
 this module turns those into metric families when Prometheus scrapes.
 
-Single process: a custom collector reads the figures at scrape time.
+Single process: a custom collector reads the figures at scrape time; the
+scrape also carries prometheus_client's global registry (the application's
+own metrics, process figures) unless ``include_default_registry = false``.
 Multiprocess (``PROMETHEUS_MULTIPROC_DIR`` set, several workers): custom
 collectors do not survive it, so each worker copies its figures into
 prometheus_client's file-backed metrics every `flush_seconds` (counters by
@@ -248,8 +250,10 @@ class PrometheusExporter:
         buckets: tuple[float, ...] = DEFAULT_BUCKETS,
         multiprocess: bool | None = None,
         registry: Any = None,
+        include_default_registry: bool = True,
     ) -> None:
         self.host = host
+        self.include_default_registry = include_default_registry
         self.namespace = namespace
         self.buckets = tuple(sorted(buckets))
         if multiprocess is None:
@@ -526,6 +530,8 @@ class PrometheusExporter:
             multiprocess.MultiProcessCollector(registry)
             return encoder(registry), content_type
         await self.refresh()
+        if self.include_default_registry:
+            return encoder(_Both(self.registry)), content_type
         return encoder(self.registry), content_type
 
     async def asgi(self, scope: Any, receive: Any, send: Any) -> None:
@@ -554,6 +560,20 @@ class PrometheusExporter:
             multiprocess.mark_process_dead(os.getpid())
 
 
+class _Both:
+    """prometheus_client's global registry (the app's own metrics, process figures)
+    followed by ours, as one registry for the encoders."""
+
+    def __init__(self, ours: Any) -> None:
+        self.ours = ours
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client import REGISTRY
+
+        yield from REGISTRY.collect()
+        yield from self.ours.collect()
+
+
 def make_asgi_app(host: Any, **kwargs: Any) -> Any:
     """An ASGI app to mount at ``/metrics``; reuses the `prometheus` plugin's exporter."""
     plugin = host.get_plugin("prometheus")
@@ -574,6 +594,7 @@ class PrometheusPlugin(Plugin):
         buckets: list[float] = field(default_factory=lambda: list(DEFAULT_BUCKETS))
         multiprocess: bool | None = None  # None: when PROMETHEUS_MULTIPROC_DIR is set
         flush_seconds: float = 5.0  # multiprocess: how often a worker copies its figures
+        include_default_registry: bool = True  # also expose prometheus_client's global one
 
         def __post_init__(self) -> None:
             from overdrive import ConfigError
@@ -596,7 +617,11 @@ class PrometheusPlugin(Plugin):
         s = self.settings or self.Settings()
         self.settings = s
         self.exporter = PrometheusExporter(
-            host, namespace=s.namespace, buckets=tuple(s.buckets), multiprocess=s.multiprocess
+            host,
+            namespace=s.namespace,
+            buckets=tuple(s.buckets),
+            multiprocess=s.multiprocess,
+            include_default_registry=s.include_default_registry,
         )
         self._path = s.path
         self._route = RouteName(s.path or "")

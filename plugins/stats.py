@@ -21,6 +21,7 @@ import hmac
 import json
 import math
 from dataclasses import dataclass
+from http.cookies import CookieError, SimpleCookie
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl
 
@@ -142,10 +143,12 @@ class StatsPlugin(Plugin):
                     return value, True
         cookie = ctx.get_header("cookie")
         if cookie and _COOKIE in cookie:
-            for part in cookie.split(";"):
-                key, _, value = part.strip().partition("=")
-                if key == _COOKIE:
-                    return value, False
+            try:
+                morsel = SimpleCookie(cookie).get(_COOKIE)
+            except CookieError:
+                morsel = None
+            if morsel is not None:
+                return morsel.value, False  # unquoted, as set_cookie quoted it
         return None, False
 
     def _allowed(self, given: str | None) -> bool:

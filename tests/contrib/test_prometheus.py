@@ -219,3 +219,30 @@ def test_bad_settings_are_refused(bad: dict[str, Any]) -> None:
 
     with pytest.raises(ConfigError, match="prometheus"):
         make_host(config={"plugins": ["prometheus"], "prometheus": bad})
+
+
+async def test_the_apps_own_metrics_are_exposed_too() -> None:
+    from prometheus_client import REGISTRY, Counter
+
+    mine = Counter("test_app_videos_rendered", "the app's own metric")
+    try:
+        mine.inc(2)
+        async with serve(APP, config={"plugins": ["profiler", "prometheus"]}) as h:
+            text = (await h.client.get("/metrics")).text
+        assert _value(_families(text), "test_app_videos_rendered_total") == 2
+        config = {"plugins": ["prometheus"], "prometheus": {"include_default_registry": False}}
+        async with serve(APP, config=config) as h:
+            text = (await h.client.get("/metrics")).text
+        assert "test_app_videos_rendered" not in text
+    finally:
+        REGISTRY.unregister(mine)
+
+
+async def test_openmetrics_when_asked() -> None:
+    async with serve(APP, config={"plugins": ["profiler", "prometheus"]}) as h:
+        await h.client.get("/videos/1")
+        r = await h.client.get(
+            "/metrics", headers={"accept": "application/openmetrics-text; version=1.0.0"}
+        )
+    assert r.headers["content-type"].startswith("application/openmetrics-text")
+    assert r.text.rstrip().endswith("# EOF")

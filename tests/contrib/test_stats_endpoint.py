@@ -167,3 +167,13 @@ async def test_token_from_the_environment() -> None:
         assert (await h.client.get("/overdrive/stats")).status_code == 401
         auth = {"authorization": f"Bearer {TOKEN}"}
         assert (await h.client.get("/overdrive/stats", headers=auth)).status_code == 200
+
+
+async def test_a_token_with_odd_characters_survives_the_cookie() -> None:
+    token = 'odd "token"; with=signs'
+    async with serve(APP, config={"plugins": ["stats"], "stats": {"token": token}}) as h:
+        from urllib.parse import quote
+
+        r = await h.client.get(f"/overdrive/?token={quote(token)}")
+        assert r.status_code == 200
+        assert (await h.client.get("/overdrive/stats")).status_code == 200
