@@ -72,6 +72,8 @@ _COUNTER_KEYS = frozenset(
         "calls",
         "stores",
         "quarantines",
+        "admitted",
+        "releases",
     }
 )
 _LABEL_FOR = {
@@ -133,13 +135,15 @@ def _leaf(prefix: str, key: str, value: Any) -> tuple[str, float, str] | None:
         key, v = key[:-3] + "_bytes", v * _MB
     elif key.endswith("_ms"):
         key, v = key[:-3] + "_seconds", v / 1000
+    elif key.endswith("_s"):
+        key = key[:-2] + "_seconds"
     elif key.endswith("_percent"):
         key, v = key[:-8] + "_ratio", v / 100
     elif key == "percent":
         key, v = "ratio", v / 100
     if key.endswith("_total"):
         return _metric_name(prefix, key[:-6]), v, "counter"
-    if key in _COUNTER_KEYS or key in _COUNTER_NAMES:
+    if key in _COUNTER_KEYS or key in _COUNTER_NAMES or key.rsplit("_", 1)[-1] in _COUNTER_KEYS:
         return _metric_name(prefix, key), v, "counter"
     return _metric_name(prefix, key), v, "gauge"
 
@@ -188,6 +192,22 @@ def _walk(
 ) -> None:
     for key, value in figures.items():
         key = str(key)
+        if isinstance(value, Mapping) and key in _COUNTER_KEYS:
+            # {"rejected": {"timeout": 3, ...}}: counters by reason.
+            for reason, n in value.items():
+                leaf = _leaf(prefix, key, n)
+                if leaf is not None:
+                    out.append(
+                        Sample(
+                            leaf[0],
+                            "counter",
+                            f"{section}: {key}",
+                            {**labels, "reason": str(reason)},
+                            leaf[1],
+                            mode,
+                        )
+                    )
+            continue
         if isinstance(value, Mapping):
             children = list(value.values())
             if children and all(isinstance(c, Mapping) for c in children):
@@ -205,7 +225,21 @@ def _walk(
             else:
                 _walk(out, _metric_name(prefix, key), value, labels, mode, section)
         elif isinstance(value, list):
-            if value and all(isinstance(c, Mapping) for c in value):
+            if value and all(
+                isinstance(c, (int, float)) and not isinstance(c, bool) for c in value
+            ):
+                # A figure per device (or per slot): one label, "device" in the gpu section.
+                label = "device" if section == "gpu" else "index"
+                for i, item in enumerate(value):
+                    leaf = _leaf(prefix, key, item)
+                    if leaf is not None:
+                        name, v, kind = leaf
+                        out.append(
+                            Sample(
+                                name, kind, f"{section}: {key}", {**labels, label: str(i)}, v, mode
+                            )
+                        )
+            elif value and all(isinstance(c, Mapping) for c in value):
                 label = _LABEL_FOR.get(key, "index")
                 child_prefix = _child_prefix(prefix, key, label)
                 for i, child in enumerate(value):

@@ -34,12 +34,19 @@
   function gpuDevices(stats) {
     const gpu = stats.gpu;
     if (!gpu || typeof gpu !== "object") return null;
-    let devices = gpu.devices || gpu.gpus || null;
+    const out = {};
+    // Per-device lists at the section's top (the gpu plugin: reserved_mb[i], budgets_mb[i]).
+    [["reserved_mb", ""], ["used_mb", ""], ["memory_used_mb", ""], ["budgets_mb", " budget"]].forEach(([key, suffix]) => {
+      const list = gpu[key];
+      if (!Array.isArray(list)) return;
+      list.forEach((v, i) => { if (num(v) !== null) out["gpu " + i + suffix] = v; });
+    });
+    if (Object.keys(out).length) return out;
+    let devices = Array.isArray(gpu.devices) || (gpu.devices && typeof gpu.devices === "object") ? gpu.devices : gpu.gpus || null;
     if (!devices) return null;
     if (!Array.isArray(devices)) {
       devices = Object.keys(devices).map((k) => Object.assign({ name: k }, devices[k]));
     }
-    const out = {};
     devices.forEach((d, i) => {
       if (!d || typeof d !== "object") return;
       const label = "gpu " + (d.index !== undefined ? d.index : d.device !== undefined ? d.device : d.name || i);

@@ -84,11 +84,10 @@ def _sections() -> list[Any]:
         ),
         Section(
             "gpu",
-            lambda t: {
-                "devices": [
-                    {"index": 0, "memory_used_mb": 4000 + (t % 5) * 100},
-                    {"index": 1, "memory_used_mb": 1500.0},
-                ]
+            lambda t: {  # the gpu plugin's shape: a figure per device in lists
+                "devices": 2,
+                "budgets_mb": [8000.0, 8000.0],
+                "reserved_mb": [4000 + (t % 5) * 100, 1500.0],
             },
         ),
         Section("tasks", lambda t: {"current_workers": 3, "queue_depth": int(t) % 4}),
@@ -187,7 +186,7 @@ def test_dashboard_charts_every_section_after_traffic() -> None:
                 # Far more ink than the "not enabled" caption alone.
                 assert page.evaluate(INKED, chart) > 800, chart
             assert "p95" in page.inner_text("#chart-latency .legend")
-            assert "gpu 0" in page.inner_text("#chart-gpu .legend")
+            assert "gpu 1 budget" in page.inner_text("#chart-gpu .legend")
             assert "payments: open" in page.inner_text("#breakers")
             assert "/videos/{video_id}" in page.inner_text("#routes")
             # The failing plugin is shown (as failed, then quarantined by the host).

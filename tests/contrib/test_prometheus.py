@@ -159,6 +159,27 @@ def test_flatten_stats_conventions() -> None:
     assert samples[("overdrive_tasks_current_workers", ())].value == 4
     assert samples[("overdrive_tasks_busy", ())].value == 1.0
     assert not any(name.startswith("overdrive_profiler") for name, _ in samples)
+    # The gpu plugin's shape: a figure per device in a list; counters by reason.
+    gpu_samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s
+        for s in flatten_stats(
+            {
+                "gpu": {
+                    "reserved_mb": [1.0, 2.0],
+                    "rejected": {"timeout": 3},
+                    "admitted": 9,
+                    "wait_max_s": 0.5,
+                    "release_errors": 1,
+                }
+            }
+        )
+    }
+    assert gpu_samples[("overdrive_gpu_reserved_bytes", (("device", "1"),))].value == 2 * 2**20
+    rejected = gpu_samples[("overdrive_gpu_rejected", (("reason", "timeout"),))]
+    assert rejected.kind == "counter" and rejected.value == 3
+    assert gpu_samples[("overdrive_gpu_admitted", ())].kind == "counter"
+    assert gpu_samples[("overdrive_gpu_wait_max_seconds", ())].value == 0.5
+    assert gpu_samples[("overdrive_gpu_release_errors", ())].kind == "counter"
     assert not any("label" in name for name, _ in samples)
 
 
