@@ -124,13 +124,18 @@ class AccessLogPlugin(Plugin):
             fields["error"] = type(error).__name__
             if isinstance(error, TimeoutError) and ctx.timeout is not None:
                 fields["timeout"] = True
+        state = ctx._state
+        if state is not None:
+            extra = state.get("log")  # figures other plugins want in the event (breaker state)
+            if extra:
+                for key, value in extra.items():
+                    fields.setdefault(key, value)
         if status >= 500:
             self.logger.error(self._event, **fields)
         else:
             self.logger.info(self._event, **fields)
         # On failure the id stays bound: the exception propagates to the server (or
         # Starlette's ServerErrorMiddleware), whose traceback log then carries it too.
-        state = ctx._state
         if state is not None and error is None:
             tokens = state.pop("access_log", None)
             if tokens:

@@ -84,7 +84,7 @@ class ProfilerPlugin(Plugin):
 
     @hookimpl(tryfirst=True)
     def before_request(self, ctx: Any) -> None:
-        self.metrics.in_flight += 1
+        self.metrics.live.add(id(ctx))
 
     @hookimpl(trylast=True)
     def on_response_start(self, ctx: Any, status: int, headers: list) -> None:
@@ -110,7 +110,9 @@ class ProfilerPlugin(Plugin):
     @hookimpl(trylast=True)
     def after_request(self, ctx: Any) -> None:
         m = self.metrics
-        m.in_flight -= 1
+        # A set, not a counter: a plugin ordered before us may short-circuit before our
+        # before_request ran, and its request must not be taken off the count.
+        m.live.discard(id(ctx))
         status = ctx.status
         error = ctx.error
         if error is None and (status is None or status >= 500):

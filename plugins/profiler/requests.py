@@ -143,12 +143,17 @@ class RequestMetrics:
     def __init__(self, max_series: int = 1000, window: int = 60, recent: float = 30.0) -> None:
         self.max_series = max_series
         self.series: dict[tuple[str, str, str], Series] = {}
-        self.in_flight = 0
+        self.live: set[int] = set()  # id() of the requests being served
         self.window = RollingWindow(window)
         # "Recent" percentiles: the total now minus a snapshot of it taken at least
         # `recent` seconds ago (snapshots are taken when figures are read, never per request).
         self.recent_seconds = recent
         self._snapshots: deque[tuple[float, list[int], int, float]] = deque(maxlen=256)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being served now."""
+        return len(self.live)
 
     def get(self, route: str, method: str, status: int | None) -> Series:
         if method not in _METHODS:

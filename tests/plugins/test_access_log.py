@@ -186,3 +186,25 @@ async def test_500_when_the_middleware_sits_inside_starlettes_error_handler() ->
     assert event["status"] == 500 and event["error"] == "RuntimeError"
     series = host.request_metrics.series[("/boom", "GET", "5xx")]
     assert series.count == 1 and series.errors == 1
+
+
+async def test_other_plugins_add_fields_through_ctx_state_log() -> None:
+    buf = io.StringIO()
+
+    class Breaker:
+        name = "breaker"
+
+        @hookimpl
+        def before_request(self, ctx: RequestContext) -> None:
+            ctx.state.setdefault("log", {})["breaker"] = "half_open"
+            ctx.state["log"]["status"] = 999  # cannot override the access log's own fields
+
+    async with serve(
+        APP,
+        plugins=[AccessLogPlugin(stream=buf), Breaker()],
+        config={"plugins": ["access_log", "breaker"]},
+    ) as h:
+        await h.client.get("/videos/1")
+    [event] = _events(buf)
+    assert event["breaker"] == "half_open"
+    assert event["status"] == 200

@@ -392,3 +392,18 @@ def test_recent_percentiles_cover_the_last_window_only() -> None:
     assert recent.count == 10
     assert recent.percentile(99) == pytest.approx(0.01, rel=0.01)
     assert m.total().count == 110
+
+
+async def test_in_flight_stays_right_when_an_earlier_plugin_short_circuits() -> None:
+    class Shed:
+        name = "shed"
+
+        @hookimpl(tryfirst=True)
+        def before_request(self, ctx: RequestContext) -> object:
+            return PlainTextResponse("busy", 503)
+
+    async with serve(_app(), plugins=[Shed()], config={"plugins": ["shed", "profiler"]}) as h:
+        for _ in range(3):
+            assert (await h.client.get("/videos/1")).status_code == 503
+        assert h.host.request_metrics.in_flight == 0
+        assert h.host.request_metrics.series[(UNMATCHED, "GET", "5xx")].count == 3
