@@ -1,0 +1,96 @@
+"""The `prometheus` plugin: serves the scrape at `path`; in multiprocess mode,
+flushes this worker's figures every `flush_seconds` and at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from overdrive import Plugin, hookimpl
+from overdrive.plugins.profiler.requests import RouteName
+
+from .exporter import PrometheusExporter
+from .mapping import DEFAULT_BUCKETS
+
+__all__ = ["PrometheusPlugin"]
+
+logger = logging.getLogger("overdrive.prometheus")
+
+
+class PrometheusPlugin(Plugin):
+    """Serves the metrics at `path` and, in multiprocess mode, flushes them periodically."""
+
+    name: ClassVar[str] = "prometheus"
+    provides: ClassVar[dict[str, str]] = {"prometheus": "exporter"}
+
+    @dataclass
+    class Settings:
+        path: str | None = "/metrics"  # None: mount make_asgi_app(host) yourself
+        namespace: str = "overdrive"
+        buckets: list[float] = field(default_factory=lambda: list(DEFAULT_BUCKETS))
+        multiprocess: bool | None = None  # None: when PROMETHEUS_MULTIPROC_DIR is set
+        flush_seconds: float = 5.0  # multiprocess: how often a worker copies its figures
+        include_default_registry: bool = True  # also expose prometheus_client's global one
+
+        def __post_init__(self) -> None:
+            from overdrive import ConfigError
+
+            if self.path is not None and not self.path.startswith("/"):
+                raise ConfigError(f"prometheus.path: expected '/...', got {self.path!r}")
+            if self.flush_seconds <= 0:
+                raise ConfigError(
+                    f"prometheus.flush_seconds: expected > 0, got {self.flush_seconds}"
+                )
+            if not self.buckets or any(b <= 0 for b in self.buckets):
+                raise ConfigError(
+                    f"prometheus.buckets: expected positive bounds, got {self.buckets}"
+                )
+
+    exporter: PrometheusExporter
+
+    @hookimpl
+    def overdrive_configure(self, host: Any) -> None:
+        s = self.settings or self.Settings()
+        self.settings = s
+        self.exporter = PrometheusExporter(
+            host,
+            namespace=s.namespace,
+            buckets=tuple(s.buckets),
+            multiprocess=s.multiprocess,
+            include_default_registry=s.include_default_registry,
+        )
+        self._path = s.path
+        self._route = RouteName(s.path or "")
+        self._task: asyncio.Task[None] | None = None
+
+    @hookimpl
+    async def overdrive_startup(self, host: Any) -> None:
+        if self.exporter.multiprocess:
+            self._task = asyncio.create_task(self._flusher())
+
+    @hookimpl
+    async def overdrive_shutdown(self, host: Any) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+            await self.exporter.flush()
+
+    async def _flusher(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.flush_seconds)
+            try:
+                await self.exporter.flush()
+            except Exception:
+                logger.exception("prometheus flush failed")
+
+    @hookimpl(tryfirst=True)
+    def before_request(self, ctx: Any) -> Any:
+        if ctx.path == self._path:
+            ctx.scope["route"] = self._route  # filed under its own path, not "<unmatched>"
+            return self.exporter.asgi
+        return None
