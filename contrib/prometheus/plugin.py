@@ -78,7 +78,8 @@ class PrometheusPlugin(Plugin):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-            await self.exporter.flush()
+            await self.exporter.flush()  # counters and histograms outlive the worker
+            self.exporter.mark_process_dead()  # its live gauges (in flight, GPU) do not
 
     async def _flusher(self) -> None:
         while True:
