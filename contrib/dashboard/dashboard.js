@@ -117,7 +117,7 @@
       const h = num(get(s, "cache.hit_rate"));
       return h === null ? null : { "hit rate": h <= 1 ? h * 100 : h };
     } },
-    { id: "breakers", title: "Circuit breakers", unit: "", extract: breakerCounts },
+    { id: "breakers", title: "Circuit breakers by state", unit: "", extract: breakerCounts },
     { id: "gpu", title: "GPU memory per device (MB)", unit: "MB", extract: gpuDevices },
     { id: "workers", title: "Worker pool", unit: "", extract: (s) => {
       const w = num(get(s, "tasks.current_workers"));
@@ -208,8 +208,8 @@
     }
     const n = chart.times.length;
     const t0 = chart.times[0], t1 = chart.times[n - 1];
-    const span = Math.max(t1 - t0, 1);
-    g.fillText(Math.round(span) + " s", left + pw - 30, h - 4);
+    const span = Math.max(t1 - t0, 1e-3);
+    g.fillText((span < 10 ? span.toFixed(1) : Math.round(span)) + " s", left + pw - 30, h - 4);
     names.forEach((name, k) => {
       const data = chart.series[name];
       g.strokeStyle = COLORS[k % COLORS.length];
