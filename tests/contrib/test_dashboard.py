@@ -220,3 +220,30 @@ def test_dashboard_tolerates_missing_sections() -> None:
             assert errors == []
         finally:
             browser.close()
+
+
+async def test_the_seeds_dashboard_shape() -> None:
+    import overdrive.contrib.dashboard as dashboard
+
+    assert dashboard.__all__ == sorted(dashboard.__all__)
+    host = make_host(*_sections(), config={"plugins": ["profiler", "cache", "breaker", "tasks"]})
+    host.profiler.record("video_processing", 1.5)
+    board = await dashboard.generate_performance_dashboard(host)
+    assert set(board) == {
+        "timestamp",
+        "system_health",
+        "performance_metrics",
+        "circuit_breakers",
+        "profiles",
+    }
+    assert board["system_health"]["cpu_usage"] >= 0
+    assert 0.5 <= board["performance_metrics"]["cache_hit_rate"] <= 1
+    assert board["performance_metrics"]["active_workers"] == 3
+    assert board["circuit_breakers"]["payments"]["state"] == "open"
+    assert board["profiles"]["video_processing"]["count"] == 1
+    empty = dashboard.performance_dashboard({})
+    assert empty["performance_metrics"] == {
+        "cache_hit_rate": 0,
+        "avg_response_time": 0,
+        "active_workers": 0,
+    }
