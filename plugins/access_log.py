@@ -102,8 +102,8 @@ class AccessLogPlugin(Plugin):
         error = ctx.error
         if error is None and (status is None or status >= 500):
             error = request_error(ctx)
-        if status is None:  # no response started: the app raised, or the client left
-            status = 500
+        if status is None:  # no response started: the app raised (500) or the client left
+            status = 500 if error is not None else 499  # 499: nginx's "client closed request"
         fields: dict[str, Any] = {
             "request_id": ctx.request_id,
             "route": route_template(ctx.scope),

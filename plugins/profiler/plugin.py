@@ -117,8 +117,8 @@ class ProfilerPlugin(Plugin):
         error = ctx.error
         if error is None and (status is None or status >= 500):
             error = request_error(ctx)
-        if status is None:  # no response started: the app raised, or the client left
-            status = 500
+        if status is None:  # no response started: the app raised (500) or the client left
+            status = 500 if error is not None else 499  # 499: nginx's "client closed request"
         series = m.get(route_template(ctx.scope), ctx.method, status)
         t_start = ctx.t_start
         t_end = ctx.t_end or perf_counter()

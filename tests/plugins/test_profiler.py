@@ -15,6 +15,7 @@ import overdrive
 import overdrive.plugins.profiler as profiler_module
 from overdrive import Overdrive, RequestContext, hookimpl
 from overdrive.contrib.testing import check_plugin, make_host, serve
+from overdrive.middleware import OverdriveMiddleware
 from overdrive.plugins.profiler import (
     LogHistogram,
     PerformanceProfiler,
@@ -407,3 +408,30 @@ async def test_in_flight_stays_right_when_an_earlier_plugin_short_circuits() -> 
             assert (await h.client.get("/videos/1")).status_code == 503
         assert h.host.request_metrics.in_flight == 0
         assert h.host.request_metrics.series[(UNMATCHED, "GET", "5xx")].count == 3
+
+
+async def test_a_client_that_leaves_is_a_499_not_a_server_error() -> None:
+    host = make_host(config={"plugins": ["profiler"]})
+    started = asyncio.Event()
+
+    async def wait(request):  # type: ignore[no-untyped-def]
+        started.set()
+        await asyncio.sleep(10)
+
+    app = OverdriveMiddleware(Starlette(routes=[Route("/wait", wait)]), host=host)
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        pass
+
+    scope = {"type": "http", "method": "GET", "path": "/wait", "headers": [], "query_string": b""}
+    task = asyncio.create_task(app(scope, receive, send))
+    await started.wait()
+    task.cancel()  # what a server does when the client disconnects
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    series = host.request_metrics.series[("/wait", "GET", "4xx")]
+    assert series.count == 1 and series.errors == 0
+    assert host.request_metrics.in_flight == 0
