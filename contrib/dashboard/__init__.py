@@ -50,9 +50,18 @@ def performance_dashboard(stats: dict[str, Any]) -> dict[str, Any]:
             "avg_response_time": (profiler.get("latency") or {}).get("avg", 0),
             "active_workers": tasks.get("current_workers", 0),
         },
-        "circuit_breakers": breaker.get("breakers", {}) if isinstance(breaker, dict) else {},
+        "circuit_breakers": _breakers(breaker),
         "profiles": profiler.get("profiles", {}),
     }
+
+
+def _breakers(section: Any) -> dict[str, Any]:
+    """{name: stats} from the breaker section: the plugin's own shape or {"breakers": ...}."""
+    if not isinstance(section, dict):
+        return {}
+    if isinstance(section.get("breakers"), dict):
+        return dict(section["breakers"])
+    return {k: v for k, v in section.items() if isinstance(v, dict) and "state" in v}
 
 
 async def generate_performance_dashboard(host: Any) -> dict[str, Any]:

@@ -73,9 +73,21 @@
     return Object.keys(out).length ? out : null;
   }
 
+  // The breaker section: {name: {state, ...}} (the breaker plugin) or {breakers: {...}}.
+  function breakerTable(stats) {
+    const section = stats.breaker;
+    if (!section || typeof section !== "object") return null;
+    if (section.breakers && typeof section.breakers === "object") return section.breakers;
+    const names = Object.keys(section).filter((k) => section[k] && typeof section[k] === "object" && "state" in section[k]);
+    if (!names.length) return Object.keys(section).length ? null : {};
+    const out = {};
+    names.forEach((k) => { out[k] = section[k]; });
+    return out;
+  }
+
   function breakerCounts(stats) {
-    const b = stats.breaker && stats.breaker.breakers;
-    if (!b || typeof b !== "object") return null;
+    const b = breakerTable(stats);
+    if (!b) return null;
     const out = { closed: 0, half_open: 0, open: 0 };
     Object.keys(b).forEach((name) => {
       const state = String((b[name] && b[name].state) || "closed").toLowerCase().replace("-", "_");
@@ -240,8 +252,8 @@
 
   function breakers(stats) {
     const box = document.getElementById("breakers");
-    const b = stats.breaker && stats.breaker.breakers;
-    if (!b || typeof b !== "object") return;
+    const b = breakerTable(stats);
+    if (!b) return;
     box.textContent = "";
     const names = Object.keys(b).sort();
     if (!names.length) { box.innerHTML = '<span class="muted">no breakers yet</span>'; return; }

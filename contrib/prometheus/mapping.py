@@ -37,6 +37,15 @@ _COUNTER_KEYS = frozenset(
         "quarantines",
         "admitted",
         "releases",
+        "submitted",
+        "completed",
+        "failed",
+        "cancelled",
+        "dropped",
+        "processed",
+        "retried",
+        "scale_ups",
+        "scale_downs",
     }
 )
 _LABEL_FOR = {
@@ -49,6 +58,8 @@ _LABEL_FOR = {
     "caches": "cache",
     "workers": "worker",
 }
+_SECTION_LABEL = {"breaker": "breaker", "pools": "pool", "gpu": "device", "models": "model"}
+_MAX_LIST = 64  # a list of numbers longer than this is a history, not a figure per device
 _IDENTITY = frozenset({"index", "device", "id"})
 # Cumulative figures that do not look like counters by their key alone.
 _COUNTER_NAMES = frozenset({"disk_read_bytes", "disk_write_bytes"})
@@ -132,7 +143,19 @@ def flatten_stats(
                 )
             )
             continue
-        _walk(out, _metric_name(namespace, section), figures, {}, mode, section)
+        prefix = _metric_name(namespace, section)
+        children = list(figures.values())
+        if (
+            children
+            and all(isinstance(c, Mapping) for c in children)
+            and not any(k in _LABEL_FOR for k in figures)  # {"devices": {...}}: a collection
+        ):
+            # {name: {figures}} (the breaker plugin: one table per breaker): one label.
+            label = _SECTION_LABEL.get(section, "name")
+            for name, child in figures.items():
+                _walk(out, prefix, child, {label: str(name)}, mode, section)
+            continue
+        _walk(out, prefix, figures, {}, mode, section)
     return out
 
 
@@ -188,8 +211,10 @@ def _walk(
             else:
                 _walk(out, _metric_name(prefix, key), value, labels, mode, section)
         elif isinstance(value, list):
-            if value and all(
-                isinstance(c, (int, float)) and not isinstance(c, bool) for c in value
+            if (
+                value
+                and len(value) <= _MAX_LIST
+                and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in value)
             ):
                 # A figure per device (or per slot): one label, "device" in the gpu section.
                 label = "device" if section == "gpu" else "index"

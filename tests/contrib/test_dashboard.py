@@ -75,11 +75,9 @@ def _sections() -> list[Any]:
         Section("cache", lambda t: {"hit_rate": 0.5 + (t % 10) / 40, "hits": 10, "misses": 5}),
         Section(
             "breaker",
-            lambda t: {
-                "breakers": {
-                    "payments": {"state": "open", "failure_count": 5},
-                    "render": {"state": "closed", "failure_count": 0},
-                }
+            lambda t: {  # the breaker plugin's shape: one table per breaker
+                "payments": {"name": "payments", "state": "open", "failure_count": 5},
+                "render": {"name": "render", "state": "closed", "failure_count": 0},
             },
         ),
         Section(
@@ -102,12 +100,15 @@ async def video(request):  # type: ignore[no-untyped-def]
 
 
 @contextmanager
-def running(plugins: list[Any], names: list[str]) -> Iterator[str]:
+def running(
+    plugins: list[Any], names: list[str], config: dict[str, Any] | None = None
+) -> Iterator[str]:
     import uvicorn
 
     host = make_host(
         *plugins,
-        config={
+        config=config
+        or {
             "plugins": ["profiler", "stats", *names],
             "stats": {"token": TOKEN, "refresh_seconds": 0.25},
         },
@@ -241,9 +242,41 @@ async def test_the_seeds_dashboard_shape() -> None:
     assert board["performance_metrics"]["active_workers"] == 3
     assert board["circuit_breakers"]["payments"]["state"] == "open"
     assert board["profiles"]["video_processing"]["count"] == 1
+    other_shape = {"breaker": {"breakers": {"api": {"state": "half_open"}}}}
+    assert dashboard.performance_dashboard(other_shape)["circuit_breakers"] == {
+        "api": {"state": "half_open"}
+    }
     empty = dashboard.performance_dashboard({})
     assert empty["performance_metrics"] == {
         "cache_hit_rate": 0,
         "avg_response_time": 0,
         "active_workers": 0,
     }
+
+
+def test_dashboard_with_every_builtin_plugin() -> None:
+    """The real plugins' stats shapes (breaker, gpu, tasks, memory...), not stand-ins."""
+    from overdrive.contrib.demo import demo_config
+
+    sync_playwright = _need_browser()
+    config = demo_config()
+    config["stats"] = {"token": TOKEN, "refresh_seconds": 0.25}
+    with running([], [], config) as url, sync_playwright() as p:
+        browser = _launch(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            errors = _watch(page)
+            page.goto(f"{url}/overdrive/?token={TOKEN}")
+            with httpx.Client(base_url=url) as client:
+                for i in range(20):
+                    client.get(f"/videos/{i}")
+            page.wait_for_function("Number(document.body.dataset.updates) >= 4")
+            for chart in ("latency", "throughput", "memory"):
+                assert page.evaluate(INKED, chart) > 800, chart
+            if "tasks" in config["plugins"]:
+                assert "workers" in page.inner_text("#chart-workers .legend")
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "dashboard-builtins.png"), full_page=True)
+            assert errors == []
+        finally:
+            browser.close()

@@ -159,6 +159,18 @@ def test_flatten_stats_conventions() -> None:
     assert samples[("overdrive_tasks_current_workers", ())].value == 4
     assert samples[("overdrive_tasks_busy", ())].value == 1.0
     assert not any(name.startswith("overdrive_profiler") for name, _ in samples)
+    # The breaker plugin's shape: {name: {figures}} at the section's top.
+    breaker = {
+        (s.name, tuple(sorted(s.labels.items()))): s
+        for s in flatten_stats(
+            {"breaker": {"payments": {"name": "payments", "state": "open", "trips": 2}}}
+        )
+    }
+    state = (("breaker", "payments"), ("state", "open"))
+    assert breaker[("overdrive_breaker_state", state)].value == 1
+    assert breaker[("overdrive_breaker_trips", (("breaker", "payments"),))].kind == "counter"
+    # A long list of numbers is a history, not a figure per device: left out.
+    assert flatten_stats({"tasks": {"history": list(range(100))}}) == []
     # The gpu plugin's shape: a figure per device in a list; counters by reason.
     gpu_samples = {
         (s.name, tuple(sorted(s.labels.items()))): s
@@ -267,3 +279,19 @@ async def test_openmetrics_when_asked() -> None:
         )
     assert r.headers["content-type"].startswith("application/openmetrics-text")
     assert r.text.rstrip().endswith("# EOF")
+
+
+async def test_every_builtin_plugins_figures_are_valid_metrics() -> None:
+    """The demo app runs every built-in plugin on its defaults; its scrape must parse."""
+    from overdrive.contrib.demo import BUILTIN
+    from overdrive.contrib.demo import app as demo_app
+
+    async with serve(demo_app) as h:
+        for path in ("/hello", "/thumbnails/1", "/thumbnails/1", "/flaky", "/flaky"):
+            await h.client.get(path)
+        text = (await h.client.get("/metrics")).text
+    fams = _families(text)  # raises on anything malformed
+    assert _value(fams, "overdrive_http_requests_total", route="/hello") == 1
+    for plugin in ("breaker", "gpu", "memory", "tasks"):
+        if plugin in BUILTIN:
+            assert any(name.startswith(f"overdrive_{plugin}_") for name in fams), plugin
