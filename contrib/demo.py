@@ -35,7 +35,11 @@ def demo_config() -> dict[str, Any]:
         kept = {k: v for k, v in rule.items() if k == "path" or k in available}
         if len(kept) > 1:
             routes.append(kept)
-    return {"plugins": BUILTIN, "routes": routes}
+    config: dict[str, Any] = {"plugins": BUILTIN, "routes": routes}
+    if "stats" in available:
+        # The demo listens on loopback only: its dashboard needs no token.
+        config["stats"] = {"public": True}
+    return config
 
 
 app = FastAPI(title="Overdrive demo")

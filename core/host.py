@@ -407,16 +407,7 @@ class Overdrive:
 
         A plugin whose `collect_stats` raises shows ``{"error": ...}``; the others still appear.
         """
-        now = perf_counter()
-        stats: dict[str, Any] = {
-            "timestamp": time.time(),
-            "host": {
-                "started": self.started,
-                "plugins": {name: info.stats(now) for name, info in self.plugins.items()},
-                "routes": len(self.routes),
-            },
-            "system": system_figures(),
-        }
+        stats: dict[str, Any] = {"timestamp": time.time()}
         for fn, is_async, info, _ in self.chains.get("collect_stats", _EMPTY):
             try:
                 figures = fn(self)
@@ -428,6 +419,14 @@ class Overdrive:
                 continue
             if figures is not None:
                 stats[info.name] = figures
+        # After collect_stats, so that a collect_stats failure is already counted.
+        now = perf_counter()
+        stats["host"] = {
+            "started": self.started,
+            "plugins": {name: info.stats(now) for name, info in self.plugins.items()},
+            "routes": len(self.routes),
+        }
+        stats["system"] = system_figures()
         return stats
 
     def explain(self, method: str, path: str) -> dict[str, Any]:

@@ -172,7 +172,11 @@ class OverdriveMiddleware:
             else:
                 ctx.t_app = perf_counter()
                 if ctx.timeout is None and not on_failure:
-                    await self.app(scope, receive, send_wrapper)
+                    try:
+                        await self.app(scope, receive, send_wrapper)
+                    except Exception as exc:
+                        ctx.error = exc  # for after_request (logs, metrics); then as before
+                        raise
                 else:
                     await self._call_app(ctx, scope, receive, send_wrapper, on_failure)
                 if ctx.capture is not None and not ctx.replaced:
