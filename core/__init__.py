@@ -17,12 +17,10 @@ from .hookspecs import hookimpl, hookspec
 from .host import Overdrive
 from .plugin import Plugin
 from .routes import RoutePolicy, RouteRule
+from .system import AdvancedPerformanceSystem, PerformanceOptimizationSystem
 
 __version__ = "0.1.0"
 
-# The seed's names for the whole system.
-AdvancedPerformanceSystem = Overdrive
-PerformanceOptimizationSystem = Overdrive
 
 __all__ = [
     "AdvancedPerformanceSystem",
