@@ -14,12 +14,9 @@ from __future__ import annotations
 from .asynccache import AsyncCache
 from .codec import CorruptEntry
 from .plugin import CachePlugin, tag_response
-from .policies import POLICIES
-from .settings import DEFAULT_POLICY, CacheConfig, CacheSettings
+from .settings import CacheConfig, CacheSettings
 
 __all__ = [
-    "DEFAULT_POLICY",
-    "POLICIES",
     "AsyncCache",
     "CacheConfig",
     "CachePlugin",

@@ -375,15 +375,16 @@ class AsyncCache:
         redis = self.redis
         assert redis is not None
         delay = self.config.redis_retry_after
-        while True:
+        # `_closed` as well as cancellation: redis-py may swallow a cancel while connecting.
+        while not self._closed:
             pubsub = None
             try:
                 pubsub = redis.client.pubsub()
                 await pubsub.subscribe(self._channel)
                 self._subscribed.set()
                 delay = self.config.redis_retry_after
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                while not self._closed:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
                     if message is not None and message.get("type") == "message":
                         self._apply(message["data"])
             except asyncio.CancelledError:
@@ -395,7 +396,8 @@ class AsyncCache:
             finally:
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
-                        await pubsub.aclose()
+                        async with asyncio.timeout(self.config.redis_timeout):
+                            await pubsub.aclose()
 
     # -- lifecycle and figures -----------------------------------------------------------
 
@@ -414,8 +416,7 @@ class AsyncCache:
         self._closed = True
         if self._listener is not None:
             self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._listener
+            await asyncio.wait({self._listener}, timeout=2.0)
             self._listener = None
         if self.redis is not None:
             await self.redis.close()
