@@ -350,7 +350,7 @@ def _range(
             start, end = max(0, size - n), size - 1
         else:
             start = int(first)
-            end = int(last) if last else size - 1
+            end = int(last) if last else max(size - 1, start)
             if start < 0 or end < start:
                 return None  # malformed: ignore the Range (RFC 9110 14.2)
             end = min(end, size - 1)
