@@ -120,7 +120,7 @@ async def test_a_route_rule_gives_a_ttl_to_an_app_that_sends_none() -> None:
     async with serve(app, config=cfg) as h:
         first, second = await twice(h, "/thumbnails/1")
         assert second.headers["x-cache"] == "HIT" and second.text == first.text
-        a, b = await twice(h, "/other")
+        _a, b = await twice(h, "/other")
         assert b.headers["x-cache"] == "MISS"
 
 
