@@ -87,6 +87,7 @@ class AsyncCache:
         self._subscribed = asyncio.Event()
         self._closed = False
         self.hits = 0
+        self.memory_hits = 0
         self.misses = 0
         self.sets = 0
         self.deletes = 0
@@ -104,6 +105,7 @@ class AsyncCache:
                 self.misses += 1
             return None
         self.hits += 1
+        self.memory_hits += 1
         return entry.value
 
     async def get(self, key: str, default: Any = None) -> Any:
@@ -111,6 +113,7 @@ class AsyncCache:
         entry = self.memory.get(key, now)
         if entry is not None:
             self.hits += 1
+            self.memory_hits += 1
             return entry.value
         if self.redis is not None:
             value = await self._get_redis(key, now)
@@ -433,6 +436,8 @@ class AsyncCache:
             "loader_calls": self.loader_calls,
             "coalesced": self.coalesced,
             "memory": {
+                "hits": self.memory_hits,
+                "hit_rate": self.memory_hits / lookups if lookups else 0.0,
                 "entries": len(mem),
                 "bytes": mem.bytes,
                 "evictions": mem.evictions,

@@ -31,6 +31,7 @@ _HEAD = struct.Struct(">4sBd")  # magic+version, flags, expires_at
 RAW, JSON, MSGPACK, HTTP = 0, 1, 2, 3
 NONE, ZLIB, ZSTD = 0, 1, 2
 
+_zstd: Any
 try:  # zstd: faster and smaller than zlib; zlib (stdlib) when it is not installed
     import zstandard as _zstd
 except ImportError:  # pragma: no cover - the redis extra installs it

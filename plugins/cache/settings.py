@@ -27,8 +27,9 @@ UNKEYED_HEADERS = [
     "x-original-url",
     "x-rewrite-url",
 ]
-#: RFC 9110 15.1: statuses cacheable by default (heuristically cacheable).
-CACHEABLE_STATUSES = [200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501]
+#: RFC 9110 15.1: statuses cacheable by default, less 206 (a part is never stored as
+#: the whole; Range requests are answered from a stored 200 instead).
+CACHEABLE_STATUSES = [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501]
 
 
 def _positive(where: str, value: float | None, *, allow_none: bool = False) -> None:
@@ -141,8 +142,10 @@ class CacheSettings:
                 f"cache.redis_url: expected redis://, rediss:// or unix://, got {self.redis_url!r}"
             )
         for status in self.cacheable_statuses:
-            if not 200 <= status <= 599:
-                raise ConfigError(f"cache.cacheable_statuses: expected 200..599, got {status!r}")
+            if not 200 <= status <= 599 or status == 206:
+                raise ConfigError(
+                    f"cache.cacheable_statuses: expected 200..599 but 206, got {status!r}"
+                )
         if not self.tag_header or not self.tag_header.isascii() or ":" in self.tag_header:
             raise ConfigError(f"cache.tag_header: expected a header name, got {self.tag_header!r}")
         # Header names are matched lower-cased, as ASGI servers deliver them.
