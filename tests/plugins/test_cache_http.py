@@ -569,3 +569,34 @@ async def test_memory_pressure_trims_the_memory_tier() -> None:
         assert len(h.host.cache.memory) == 0
         stats = await h.host.get_system_stats()
         assert "hit_rate" in stats["cache"]
+
+
+async def test_stale_if_error_covers_a_timeout(clock: Clock) -> None:
+    import asyncio
+
+    from overdrive import hookimpl
+
+    class Deadline:
+        name = "deadline"
+
+        @hookimpl
+        def before_request(self, ctx: Any) -> None:
+            ctx.timeout = 0.05
+
+    n = Counter()
+    state = {"slow": False}
+
+    async def render(request: Request) -> Response:
+        n.calls += 1
+        if state["slow"]:
+            await asyncio.sleep(5)
+        return Response("rendered", headers={"cache-control": "max-age=10, stale-if-error=60"})
+
+    app = Starlette(routes=[Route("/p", render)])
+    cfg = {"plugins": ["deadline", "cache"]}
+    async with serve(app, plugins=[Deadline(), CachePlugin()], config=cfg) as h:
+        await h.client.get("/p")
+        clock.now += 20
+        state["slow"] = True
+        r = await h.client.get("/p")
+        assert (r.status_code, r.text, r.headers["x-cache"]) == (200, "rendered", "STALE")
