@@ -25,6 +25,7 @@ class FlightAborted(Exception):
 class Flight:
     __slots__ = (
         "_changed",
+        "_started",
         "buffered",
         "chunks",
         "done",
@@ -33,36 +34,39 @@ class Flight:
         "headers",
         "joinable",
         "limit",
-        "request_headers",
+        "request",
         "shareable",
         "started",
         "status",
     )
 
-    def __init__(self, limit: int, request_headers: dict[str, str]) -> None:
+    def __init__(self, limit: int, request: Any) -> None:
         self.limit = limit  # bytes kept for followers that join later
-        self.request_headers = request_headers
+        self.request = request  # the leader's RequestContext (its headers, for Vary)
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: list[bytes] = []
         self.buffered = 0
         self.followers = 0
-        self.started = asyncio.Event()
+        self.started = False
+        self._started: asyncio.Event | None = None  # events are made only when waited on
         self.shareable = False
         self.joinable = True
         self.done = False
         self.failed = False
-        self._changed = asyncio.Event()
+        self._changed: asyncio.Event | None = None
 
     def start(self, status: int, headers: list[tuple[bytes, bytes]], shareable: bool) -> None:
-        if self.started.is_set():
+        if self.started:
             return
         self.status = status
         self.headers = headers
         self.shareable = shareable
         if not shareable:
             self.joinable = False
-        self.started.set()
+        self.started = True
+        if self._started is not None:
+            self._started.set()
 
     def feed(self, chunk: bytes, more_body: bool) -> None:
         """A body observer: called by the middleware for each chunk the leader's app sends."""
@@ -79,7 +83,7 @@ class Flight:
 
     def finish(self, failed: bool) -> None:
         """The leader's request ended; `failed` when its body did not complete."""
-        if not self.started.is_set():
+        if not self.started:
             self.start(0, [], False)
         if not self.done:
             self.failed = failed
@@ -88,15 +92,19 @@ class Flight:
         self._notify()
 
     def _notify(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
 
     async def wait_start(self, timeout: float) -> bool:
         """Wait for the leader's response to start; True when it may be shared with us."""
         self.followers += 1
         try:
-            async with asyncio.timeout(timeout):
-                await self.started.wait()
+            if not self.started:
+                if self._started is None:
+                    self._started = asyncio.Event()
+                async with asyncio.timeout(timeout):
+                    await self._started.wait()
         except TimeoutError:
             self.followers -= 1
             return False
@@ -112,6 +120,8 @@ class Flight:
             index = 0
             while True:
                 changed = self._changed
+                if changed is None:
+                    changed = self._changed = asyncio.Event()
                 chunks = self.chunks
                 while index < len(chunks):
                     chunk = chunks[index]

@@ -204,22 +204,23 @@ class HTTPSerializer:
 
     def dumps(self, value: Any) -> bytes:
         if isinstance(value, VaryIndex):
-            meta: dict[str, Any] = {"kind": "vary", "names": list(value.names)}
+            meta: list[Any] = [0, list(value.names)]
             body = b""
         elif isinstance(value, StoredResponse):
-            meta = {
-                "kind": "response",
-                "status": value.status,
-                "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in value.headers],
-                "stored_at": value.stored_at,
-                "fresh_for": value.fresh_for,
-                "initial_age": value.initial_age,
-                "swr": value.stale_while_revalidate,
-                "sie": value.stale_if_error,
-                "etag": value.etag.decode("latin-1") if value.etag else None,
-                "last_modified": value.last_modified,
-                "vary": list(value.vary),
-            }
+            flat = [part.decode("latin-1") for pair in value.headers for part in pair]
+            meta = [
+                1,
+                value.status,
+                value.stored_at,
+                value.fresh_for,
+                value.initial_age,
+                value.stale_while_revalidate,
+                value.stale_if_error,
+                value.etag.decode("latin-1") if value.etag else None,
+                value.last_modified,
+                list(value.vary),
+                flat,
+            ]
             body = value.body
         else:
             raise TypeError(f"HTTPSerializer cannot store {type(value).__name__}")
@@ -227,33 +228,41 @@ class HTTPSerializer:
         return self._LEN.pack(len(head)) + head + body
 
     def loads(self, data: bytes) -> Any:
+        """Checks every field's type: a damaged entry raises `CorruptEntry`, never later."""
         try:
             (n,) = self._LEN.unpack_from(data)
             meta = json.loads(data[4 : 4 + n])
-            if meta["kind"] == "vary":
-                return VaryIndex(tuple(str(x) for x in meta["names"]))
-            status = meta["status"]
-            if type(status) is not int or not 100 <= status <= 599:
-                raise ValueError("bad status")
-            headers = [
-                (str(k).encode("latin-1"), str(v).encode("latin-1")) for k, v in meta["headers"]
-            ]
+            if meta[0] == 0:
+                return VaryIndex(tuple(str(x) for x in meta[1]))
+            kind, status, stored_at, fresh, age, swr, sie, etag, lm, vary, flat = meta
+            if kind != 1 or type(status) is not int or not 100 <= status <= 599:
+                raise ValueError("bad kind or status")
+            if len(flat) % 2 or not all(type(x) is str for x in flat):
+                raise ValueError("bad headers")
+            encoded = [x.encode("latin-1") for x in flat]
+            it = iter(encoded)
             return StoredResponse(
                 status,
-                headers,
+                list(zip(it, it, strict=True)),
                 data[4 + n :],
-                stored_at=float(meta["stored_at"]),
-                fresh_for=float(meta["fresh_for"]),
-                initial_age=float(meta["initial_age"]),
-                stale_while_revalidate=float(meta["swr"]),
-                stale_if_error=float(meta["sie"]),
-                etag=meta["etag"].encode("latin-1") if meta["etag"] else None,
-                last_modified=(
-                    float(meta["last_modified"]) if meta["last_modified"] is not None else None
-                ),
-                vary=tuple(str(x) for x in meta["vary"]),
+                stored_at=float(stored_at),
+                fresh_for=float(fresh),
+                initial_age=float(age),
+                stale_while_revalidate=float(swr),
+                stale_if_error=float(sie),
+                etag=etag.encode("latin-1") if etag else None,
+                last_modified=float(lm) if lm is not None else None,
+                vary=tuple(str(x) for x in vary),
             )
-        except (KeyError, TypeError, ValueError, struct.error, UnicodeError) as exc:
+        except (
+            AttributeError,
+            IndexError,
+            KeyError,
+            TypeError,
+            ValueError,
+            struct.error,
+            UnicodeError,
+        ) as exc:
             raise CorruptEntry(f"not a stored HTTP response: {exc}") from None
 
 

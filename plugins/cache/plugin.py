@@ -196,7 +196,7 @@ class CachePlugin(Plugin):
                     return hit
         miss = _Miss(key, route, None, stale)
         if method == "GET" and key not in self._flights:
-            miss.flight = self._flights[key] = Flight(s.max_entry_bytes, ctx.headers)
+            miss.flight = self._flights[key] = Flight(s.max_entry_bytes, ctx)
         try:
             if cache.redis is not None and use_stored and stale is None:
                 found = await self._find_remote(key, ctx)
@@ -280,7 +280,7 @@ class CachePlugin(Plugin):
         names = self._route(ctx.settings("cache") or self.settings).vary_of(flight.headers)
         if names is None:
             return False
-        theirs, ours = flight.request_headers, ctx.headers
+        theirs, ours = flight.request.headers, ctx.headers
         return all(theirs.get(n) == ours.get(n) for n in names)
 
     async def _cross_worker(

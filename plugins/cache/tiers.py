@@ -143,17 +143,20 @@ class MemoryTier:
         self.bytes = 0
 
 
-def make_redis_client(url: str, timeout: float) -> Any:
+def make_redis_client(url: str, timeout: float, max_connections: int = 512) -> Any:
     """A `redis.asyncio` client that fails fast (our back-off, not redis-py's retries)."""
     import redis.asyncio as aioredis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
-    pool = aioredis.BlockingConnectionPool.from_url(
+    # No socket_timeout: redis-py would wrap every send in asyncio.wait_for (a task per
+    # command); RedisTier.call bounds each command with a cheaper asyncio.timeout.
+    # A plain pool (a blocking one costs a lock and a timer per command); past
+    # max_connections a command fails fast and counts as a fault. Single-flight keeps
+    # Redis traffic to one command per key in flight, so bursts stay far below it.
+    pool = aioredis.ConnectionPool.from_url(
         url,
-        max_connections=64,
-        timeout=timeout,
-        socket_timeout=timeout,
+        max_connections=max_connections,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,
@@ -163,7 +166,11 @@ def make_redis_client(url: str, timeout: float) -> Any:
 
 
 class RedisTier:
-    """Every command through `call`: it returns the result, or `FAULT` and never raises."""
+    """Every command through `call`: it returns the result, or `FAULT` and never raises.
+
+    Each command runs under an `asyncio.timeout` of `redis_timeout` (whoever
+    made the client); on a timeout redis-py drops that connection.
+    """
 
     def __init__(self, client: Any, config: CacheConfig, owns_client: bool) -> None:
         self.client = client
