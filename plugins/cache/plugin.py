@@ -34,6 +34,12 @@ _X_CACHE = {s: (b"x-cache", s.encode()) for s in (HIT, MISS, STALE, BYPASS)}
 _AUTH, _COOKIE, _CC, _PRAGMA, _INM, _IMS, _RANGE, _IF_RANGE, _HOST = range(9)
 
 
+# Release the single-flight lock only if it is still ours (it may have expired and moved on).
+_UNLOCK = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+)
+
+
 def tag_response(ctx: RequestContext, *tags: str) -> None:
     """Give the response being produced cache tags (for `invalidate_tags`)."""
     ctx.state.setdefault("cache_tags", set()).update(tags)
@@ -42,7 +48,7 @@ def tag_response(ctx: RequestContext, *tags: str) -> None:
 class _Miss:
     """What a leading miss carries from cache_lookup to cache_store/after_request."""
 
-    __slots__ = ("flight", "key", "lock", "route", "stale")
+    __slots__ = ("flight", "key", "lock", "route", "stale", "token")
 
     def __init__(self, key: str, route: Route, flight: Flight | None, stale: Any) -> None:
         self.key = key
@@ -50,6 +56,7 @@ class _Miss:
         self.flight = flight
         self.stale = stale
         self.lock: bytes | None = None
+        self.token = b""
 
 
 class CachePlugin(Plugin):
@@ -300,7 +307,7 @@ class CachePlugin(Plugin):
             )
             if got is not None:  # True, or FAULT: Redis is down, lead locally
                 if got is True:
-                    miss.lock = lock_key
+                    miss.lock, miss.token = lock_key, token
                 return None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.2)
@@ -321,10 +328,10 @@ class CachePlugin(Plugin):
             s = ctx.settings("cache") or self.settings
             route = self._route(s)
             tag = route.tag_header
-            if any(k == tag for k, _ in headers):
-                headers[:] = [h for h in headers if h[0] != tag]
+            if any(k.lower() == tag for k, _ in headers):
+                headers[:] = [h for h in headers if h[0].lower() != tag]
             if state == MISS:
-                miss = ctx._state.get("cache") if ctx._state else None
+                miss = ctx.state.get("cache")
                 if miss is not None and miss.flight is not None:
                     original = ctx.response_headers or []
                     shareable = route.shareable(status, original, ctx)
@@ -333,10 +340,12 @@ class CachePlugin(Plugin):
 
     @hookimpl
     async def cache_store(self, ctx: RequestContext, response: CapturedResponse) -> None:
-        miss = ctx._state.get("cache") if ctx._state else None
-        if miss is None or ctx.cache_status != MISS:
+        if ctx.cache_status != MISS:
             return
-        tags = ctx._state.get("cache_tags") if ctx._state else None
+        miss = ctx.state.get("cache")
+        if miss is None:
+            return
+        tags = ctx.state.get("cache_tags")
         stored = await self._store(miss.route, miss.key, ctx, response, tags)
         self.counts["stored" if stored else "not_stored"] += 1
         self._end_flight(miss, failed=False)
@@ -366,7 +375,7 @@ class CachePlugin(Plugin):
     async def on_failure(self, ctx: RequestContext, error: BaseException | None) -> Any:
         if ctx.cache_status != MISS or ctx.response_started:
             return None
-        miss = ctx._state.get("cache") if ctx._state else None
+        miss = ctx.state.get("cache")
         if miss is None or miss.stale is None:
             return None
         stale: StoredResponse = miss.stale
@@ -381,15 +390,15 @@ class CachePlugin(Plugin):
 
     @hookimpl
     async def after_request(self, ctx: RequestContext) -> None:
-        if ctx.cache_status is None or ctx._state is None:
+        status = ctx.cache_status
+        if status != MISS and status != STALE:
             return
-        miss = ctx._state.get("cache")
+        miss = ctx.state.get("cache")
         if miss is not None:
-            capture = ctx.capture
-            self._end_flight(miss, failed=capture is None or not (capture.complete or ctx.error))
+            self._end_flight(miss, failed=True)  # a no-op when the body completed
             if miss.lock is not None and self.cache is not None and self.cache.redis is not None:
                 redis = self.cache.redis
-                await redis.call(redis.client.delete, miss.lock)
+                await redis.call(redis.client.eval, _UNLOCK, 1, miss.lock, miss.token)
                 miss.lock = None
 
     def _end_flight(self, miss: _Miss, failed: bool) -> None:

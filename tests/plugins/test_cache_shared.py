@@ -175,6 +175,10 @@ async def test_concurrent_misses_on_two_workers_make_one_app_call(
             *(a.client.get("/render") for _ in range(20)),
             *(b.client.get("/render") for _ in range(20)),
         )
+        raw = aioredis.from_url(redis_url)
+        locks = [k async for k in raw.scan_iter(match=f"{namespace}:v:lock:*")]
+        await raw.aclose()
+        assert locks == []  # the leader released its lock
         await a.host.cache.clear()
     assert app.calls == 1
     assert {r.text for r in responses} == {"first chunk;render 1"}
