@@ -125,6 +125,7 @@ def starlette_app() -> Any:
 @contextlib.asynccontextmanager
 async def ours(redis: bool, work: float = 0.0) -> AsyncIterator[Variant]:
     from asgi_lifespan import LifespanManager
+
     from overdrive.middleware import OverdriveMiddleware
 
     settings: dict[str, Any] = {"default_ttl": 600, "namespace": "odbench:http"}

@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 import structlog
+
 from overdrive import hookimpl
 from overdrive.context import CapturedResponse, RequestContext
 from overdrive.plugin import Plugin

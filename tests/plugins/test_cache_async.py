@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+
 from overdrive import ConfigError
 from overdrive.plugins import cache as cache_pkg
 from overdrive.plugins.cache import AsyncCache, CacheConfig
 from overdrive.plugins.cache.codec import MAGIC
-
 from tests.support.faults import RedisServer
 
 

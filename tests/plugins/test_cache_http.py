@@ -8,14 +8,15 @@ import types
 from typing import Any
 
 import pytest
-from overdrive import ConfigError, Overdrive
-from overdrive.contrib.testing import check_plugin, serve
-from overdrive.plugins.cache import CachePlugin, tag_response
-from overdrive.plugins.cache import plugin as plugin_module
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from overdrive import ConfigError, Overdrive
+from overdrive.contrib.testing import check_plugin, serve
+from overdrive.plugins.cache import CachePlugin, tag_response
+from overdrive.plugins.cache import plugin as plugin_module
 
 
 class Counter:

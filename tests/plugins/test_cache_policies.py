@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from overdrive.plugins.cache.policies import POLICIES, S3FIFOStore, SieveStore, make_store
 from overdrive.plugins.cache.settings import DEFAULT_POLICY
 

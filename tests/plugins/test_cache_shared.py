@@ -6,13 +6,13 @@ import asyncio
 from typing import Any
 
 import redis.asyncio as aioredis
-from overdrive.contrib.testing import make_host, serve
-from overdrive.middleware import OverdriveMiddleware
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from overdrive.contrib.testing import make_host, serve
+from overdrive.middleware import OverdriveMiddleware
 from tests.plugins.test_cache_async import until
 from tests.support.faults import RedisServer
 
