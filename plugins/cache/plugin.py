@@ -302,6 +302,7 @@ class CachePlugin(Plugin):
         token = uuid.uuid4().hex.encode()
         deadline = time.monotonic() + s.wait_timeout
         delay = 0.01
+        waited = False
         while True:
             got = await redis.call(
                 redis.client.set, lock_key, token, nx=True, px=int(s.lock_ttl * 1000)
@@ -309,7 +310,14 @@ class CachePlugin(Plugin):
             if got is not None:  # True, or FAULT: Redis is down, lead locally
                 if got is True:
                     miss.lock, miss.token = lock_key, token
+                    if waited:  # the holder stores before it unlocks: look once more
+                        found = await self._find_remote(miss.key, ctx)
+                        if found is not None and found.age(time.time()) < found.fresh_for:
+                            await redis.call(redis.client.eval, _UNLOCK, 1, lock_key, token)
+                            miss.lock = None
+                            return found
                 return None
+            waited = True
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.2)
             found = await self._find_remote(miss.key, ctx)

@@ -439,8 +439,21 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 
 async def test_stale_while_revalidate_serves_stale_and_refreshes_once(clock: Clock) -> None:
+    import asyncio
+
+    from tests.plugins.test_cache_async import until
+
     n = Counter()
-    app = app_with(n, p=numbered({"cache-control": "max-age=10, stale-while-revalidate=60"}))
+    gate = asyncio.Event()
+
+    async def render(request: Request) -> Response:
+        n.calls += 1
+        if n.calls > 1:
+            await gate.wait()  # the refresh is held until the stale answers are checked
+        headers = {"cache-control": "max-age=10, stale-while-revalidate=60"}
+        return Response(f"response {n.calls}", headers=headers)
+
+    app = Starlette(routes=[Route("/p", render)])
     async with serve(app, config=config()) as h:
         await h.client.get("/p")
         clock.now += 20
@@ -448,16 +461,12 @@ async def test_stale_while_revalidate_serves_stale_and_refreshes_once(clock: Clo
         assert {r.headers["x-cache"] for r in stale} == {"STALE"}
         assert {r.text for r in stale} == {"response 1"}
         plugin = h.host.get_plugin("cache")
-
-        async def refreshed() -> bool:
-            return not plugin._tasks
-
-        from tests.plugins.test_cache_async import until
-
-        assert await until(refreshed)
-        assert n.calls == 2  # one background refresh, not one per stale hit
+        assert await until(lambda: n.calls == 2)  # one background refresh, not one per hit
+        gate.set()
+        assert await until(lambda: not plugin._tasks)
         fresh = await h.client.get("/p")
         assert (fresh.headers["x-cache"], fresh.text) == ("HIT", "response 2")
+        assert n.calls == 2
         clock.now += 1000  # past the stale window: a plain miss
         r = await h.client.get("/p")
         assert r.headers["x-cache"] == "MISS"
