@@ -1,0 +1,488 @@
+"""The `cache` plugin: an RFC 9111 shared HTTP cache in front of the app, on `AsyncCache`.
+
+A hit is answered in `cache_lookup`, before the app (or FastAPI) is entered.
+A miss captures the body while it streams (`ctx.capture_response`), becomes
+the leader of a single flight for its key, and `cache_store` keeps the
+response if RFC 9111 allows it. See docs/plugins/cache.md for the rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import structlog
+
+from overdrive import hookimpl
+from overdrive.context import CapturedResponse, RequestContext
+from overdrive.plugin import Plugin
+
+from .asynccache import AsyncCache
+from .flight import Flight, FollowerAnswer
+from .http import HTTPSerializer, StoredResponse, VaryIndex, answer, vary_suffix
+from .settings import CacheConfig, CacheSettings
+from .store import Route, build_stored, revalidate
+
+__all__ = ["CachePlugin", "tag_response"]
+
+logger = structlog.get_logger("overdrive.cache")
+
+HIT, MISS, STALE, BYPASS = "HIT", "MISS", "STALE", "BYPASS"
+_X_CACHE = {s: (b"x-cache", s.encode()) for s in (HIT, MISS, STALE, BYPASS)}
+# Kinds of request header, as `Route.read` maps them (store._READ_BASE).
+_AUTH, _COOKIE, _CC, _PRAGMA, _INM, _IMS, _RANGE, _IF_RANGE, _HOST = range(9)
+
+
+# Release the single-flight lock only if it is still ours (it may have expired and moved on).
+_UNLOCK = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+)
+
+
+def tag_response(ctx: RequestContext, *tags: str) -> None:
+    """Give the response being produced cache tags (for `invalidate_tags`)."""
+    ctx.state.setdefault("cache_tags", set()).update(tags)
+
+
+class _Miss:
+    """What a leading miss carries from cache_lookup to cache_store/after_request."""
+
+    __slots__ = ("flight", "key", "lock", "route", "stale", "token")
+
+    def __init__(self, key: str, route: Route, flight: Flight | None, stale: Any) -> None:
+        self.key = key
+        self.route = route
+        self.flight = flight
+        self.stale = stale
+        self.lock: bytes | None = None
+        self.token = b""
+
+
+class CachePlugin(Plugin):
+    """HTTP response cache; `host.cache` is its `AsyncCache` (the seed's ``system.cache``)."""
+
+    name = "cache"
+    Settings = CacheSettings
+    provides = {"cache": "cache"}  # noqa: RUF012
+
+    def __init__(self, settings: CacheSettings | None = None) -> None:
+        super().__init__(settings)
+        self.cache: AsyncCache | None = None
+        self.host: Any = None
+        self._routes: dict[int, Route] = {}
+        self._flights: dict[str, Flight] = {}
+        self._refreshing: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.counts = dict.fromkeys((HIT, MISS, STALE, BYPASS, "stored", "not_stored"), 0)
+        self.counts.update(collapsed=0, revalidations=0, not_modified=0, partial=0)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    @hookimpl
+    def overdrive_configure(self, host: Any) -> None:
+        s: CacheSettings = self.settings or CacheSettings()
+        self.settings = s
+        self.host = host
+        config = CacheConfig(
+            ttl=None,
+            max_size=s.max_entries,
+            max_bytes=s.max_bytes,
+            enable_compression=s.compression,
+            eviction_policy=s.eviction_policy,
+            namespace=s.namespace,
+            redis_timeout=s.redis_timeout,
+            max_value_bytes=max(s.max_entry_bytes * 2, 1 << 20),
+        )
+        url = s.redis_url or getattr(host, "redis_url", None)
+        self.cache = AsyncCache(config, redis_url=url, serializer=HTTPSerializer())
+
+    @hookimpl
+    async def overdrive_startup(self, host: Any) -> None:
+        if self.cache is not None:
+            await self.cache.start()
+
+    @hookimpl
+    async def overdrive_shutdown(self, host: Any) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.cache is not None:
+            await self.cache.close()
+
+    def _route(self, s: CacheSettings) -> Route:
+        route = self._routes.get(id(s))
+        if route is None or route.settings is not s:
+            route = self._routes[id(s)] = Route(s)
+        return route
+
+    # -- a request's life ---------------------------------------------------------
+
+    @hookimpl
+    async def cache_lookup(self, ctx: RequestContext) -> Any:
+        method = ctx.method
+        if method != "GET" and method != "HEAD":
+            return None
+        s = ctx.settings("cache") or self.settings
+        if not s.enabled:
+            return None
+        route = self._route(s)
+        read = route.read
+        auth = cookie = unkeyed = False
+        cc = pragma = inm = ims = rng = if_range = None
+        host = b""
+        for name, value in ctx.raw_headers:
+            kind = read.get(name)
+            if kind is None:
+                continue
+            if kind == _HOST:
+                host = value
+            elif kind == _AUTH:
+                auth = True
+            elif kind == _COOKIE:
+                cookie = True
+            elif kind == _CC:
+                cc = value
+            elif kind == _PRAGMA:
+                pragma = value
+            elif kind == _INM:
+                inm = value
+            elif kind == _IMS:
+                ims = value
+            elif kind == _RANGE:
+                rng = value
+            elif kind == _IF_RANGE:
+                if_range = value
+            else:
+                unkeyed = True
+        if unkeyed or (auth and not route.by_auth) or (cookie and not route.by_cookie):
+            ctx.cache_status = BYPASS
+            self.counts[BYPASS] += 1
+            return None
+        no_cache = False
+        max_age = None
+        if cc is not None or pragma is not None:
+            req = route.request_directives(cc, pragma)
+            if "no-store" in req:
+                ctx.cache_status = BYPASS
+                self.counts[BYPASS] += 1
+                return None
+            no_cache = "no-cache" in req
+            max_age = req.get("max-age")
+        key = route.key(ctx, host)
+        cache = self.cache
+        assert cache is not None
+        now = time.time()
+        stale = None
+        conditions = (inm, ims, rng, if_range)
+        use_stored = not no_cache and max_age != 0
+        if use_stored:
+            stored = self._find_local(key, ctx, now)
+            if stored is not None:
+                hit = self._serve(ctx, key, route, stored, now, max_age, conditions)
+                if hit is not None:
+                    return hit
+                stale = stored
+        # Not in memory: join a request already producing this response, or lead one.
+        flight = self._flights.get(key)
+        if flight is not None and use_stored and flight.joinable:
+            self.counts["collapsed"] += 1
+            if await flight.wait_start(s.wait_timeout):
+                if self._same_variant(flight, ctx):
+                    ctx.cache_status = HIT
+                    self.counts[HIT] += 1
+                    headers = route.client_headers(flight.headers)
+                    return FollowerAnswer(flight, headers, method == "HEAD")
+                flight.followers -= 1
+            now = time.time()
+            found = self._find_local(key, ctx, now)
+            if found is not None:
+                hit = self._serve(ctx, key, route, found, now, max_age, conditions)
+                if hit is not None:
+                    return hit
+        miss = _Miss(key, route, None, stale)
+        if method == "GET" and key not in self._flights:
+            miss.flight = self._flights[key] = Flight(s.max_entry_bytes, ctx)
+        try:
+            if cache.redis is not None and use_stored and stale is None:
+                found = await self._find_remote(key, ctx)
+                if found is not None:
+                    now = time.time()
+                    hit = self._serve(ctx, key, route, found, now, max_age, conditions)
+                    if hit is not None:
+                        self._end_flight(miss, failed=False)
+                        return hit
+                    miss.stale = found
+            if miss.flight is not None and cache.redis is not None and cache.redis.available:
+                found = await self._cross_worker(miss, ctx, s)
+                if found is not None:
+                    self._end_flight(miss, failed=False)
+                    return self._serve(ctx, key, route, found, time.time(), None, conditions)
+        except BaseException:
+            self._end_flight(miss, failed=True)
+            raise
+        ctx.cache_status = MISS
+        self.counts[MISS] += 1
+        if method == "HEAD":
+            return None  # a HEAD response has no body to store
+        ctx.state["cache"] = miss
+        if miss.flight is not None:
+            ctx.observe_body(miss.flight.feed)
+        ctx.capture_response(s.max_entry_bytes)
+        return None
+
+    def _serve(
+        self,
+        ctx: RequestContext,
+        key: str,
+        route: Route,
+        stored: StoredResponse,
+        now: float,
+        max_age: int | None,
+        conditions: tuple[bytes | None, ...],
+    ) -> Any:
+        """A HIT or a STALE answer (starting a background refresh), or None: too old."""
+        age = stored.age(now)
+        if age < stored.fresh_for and (max_age is None or age <= max_age):
+            return self._answer(ctx, HIT, stored, age, *conditions)
+        if age < stored.fresh_for + stored.stale_while_revalidate and max_age is None:
+            self._revalidate(key, ctx, route)
+            return self._answer(ctx, STALE, stored, age, *conditions)
+        return None
+
+    def _find_local(self, key: str, ctx: RequestContext, now: float) -> StoredResponse | None:
+        cache = self.cache
+        assert cache is not None
+        remote = cache.redis is not None
+        value = cache.get_local(key, now, count_miss=not remote)
+        if type(value) is VaryIndex:
+            value = cache.get_local(key + vary_suffix(value.names, ctx.headers), now)
+        return value if type(value) is StoredResponse else None
+
+    async def _find_remote(self, key: str, ctx: RequestContext) -> StoredResponse | None:
+        cache = self.cache
+        assert cache is not None
+        value = await cache.get(key)
+        if type(value) is VaryIndex:
+            value = await cache.get(key + vary_suffix(value.names, ctx.headers))
+        return value if type(value) is StoredResponse else None
+
+    def _answer(
+        self, ctx: RequestContext, status: str, stored: StoredResponse, age: float, *conditions: Any
+    ) -> Any:
+        ctx.cache_status = status
+        self.counts[status] += 1
+        inm, ims, rng, if_range = (
+            c.decode("latin-1") if c is not None else None for c in conditions
+        )
+        result = answer(stored, age, ctx.method == "HEAD", inm, ims, rng, if_range)
+        if result.status == 304:
+            self.counts["not_modified"] += 1
+        elif result.status == 206:
+            self.counts["partial"] += 1
+        return result
+
+    def _same_variant(self, flight: Flight, ctx: RequestContext) -> bool:
+        names = self._route(ctx.settings("cache") or self.settings).vary_of(flight.headers)
+        if names is None:
+            return False
+        theirs, ours = flight.request.headers, ctx.headers
+        return all(theirs.get(n) == ours.get(n) for n in names)
+
+    async def _cross_worker(
+        self, miss: _Miss, ctx: RequestContext, s: CacheSettings
+    ) -> StoredResponse | None:
+        """Take the Redis lock for the key, or wait for the worker that holds it."""
+        cache = self.cache
+        assert cache is not None and cache.redis is not None
+        redis = cache.redis
+        lock_key = cache._rkey("lock:" + miss.key)
+        token = uuid.uuid4().hex.encode()
+        deadline = time.monotonic() + s.wait_timeout
+        delay = 0.01
+        waited = False
+        while True:
+            got = await redis.call(
+                redis.client.set, lock_key, token, nx=True, px=int(s.lock_ttl * 1000)
+            )
+            if got is not None:  # True, or FAULT: Redis is down, lead locally
+                if got is True:
+                    miss.lock, miss.token = lock_key, token
+                    if waited:  # the holder stores before it unlocks: look once more
+                        found = await self._find_remote(miss.key, ctx)
+                        if found is not None and found.age(time.time()) < found.fresh_for:
+                            await redis.call(redis.client.eval, _UNLOCK, 1, lock_key, token)
+                            miss.lock = None
+                            return found
+                return None
+            waited = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
+            found = await self._find_remote(miss.key, ctx)
+            if found is not None and found.age(time.time()) < found.fresh_for:
+                return found
+            if time.monotonic() >= deadline:
+                return None
+
+    @hookimpl
+    def on_response_start(
+        self, ctx: RequestContext, status: int, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        state = ctx.cache_status
+        if state is None:
+            return
+        if state in (MISS, BYPASS):
+            s = ctx.settings("cache") or self.settings
+            route = self._route(s)
+            tag = route.tag_header
+            if any(k.lower() == tag for k, _ in headers):
+                headers[:] = [h for h in headers if h[0].lower() != tag]
+            if state == MISS:
+                miss = ctx.state.get("cache")
+                if miss is not None and miss.flight is not None:
+                    original = ctx.response_headers or []
+                    shareable = route.shareable(status, original, ctx)
+                    miss.flight.start(status, route.client_headers(original), shareable)
+        headers.append(_X_CACHE[state])
+
+    @hookimpl
+    async def cache_store(self, ctx: RequestContext, response: CapturedResponse) -> None:
+        if ctx.cache_status != MISS:
+            return
+        miss = ctx.state.get("cache")
+        if miss is None:
+            return
+        tags = ctx.state.get("cache_tags")
+        stored = await self._store(miss.route, miss.key, ctx, response, tags)
+        self.counts["stored" if stored else "not_stored"] += 1
+        self._end_flight(miss, failed=False)
+
+    async def _store(
+        self,
+        route: Route,
+        key: str,
+        ctx: RequestContext,
+        response: CapturedResponse,
+        tags: Any,
+    ) -> bool:
+        cache = self.cache
+        assert cache is not None
+        built = build_stored(route, response, ctx, time.time())
+        if built is None:
+            return False
+        stored, ttl, all_tags, compressible = built
+        if stored.vary:
+            await cache.set(key, VaryIndex(stored.vary), ttl, tags=all_tags)
+            key = key + vary_suffix(stored.vary, ctx.headers)
+        all_tags = (*all_tags, *(tags or ()))
+        await cache.set(key, stored, ttl, tags=all_tags, compress=compressible)
+        return True
+
+    @hookimpl
+    async def on_failure(self, ctx: RequestContext, error: BaseException | None) -> Any:
+        if ctx.cache_status != MISS or ctx.response_started:
+            return None
+        miss = ctx.state.get("cache")
+        if miss is None or miss.stale is None:
+            return None
+        stale: StoredResponse = miss.stale
+        now = time.time()
+        age = stale.age(now)
+        if age >= stale.fresh_for + stale.stale_if_error:
+            return None
+        self.counts[MISS] -= 1
+        ctx.cache_status = STALE
+        self.counts[STALE] += 1
+        return answer(stale, age, ctx.method == "HEAD", None, None, None, None)
+
+    @hookimpl
+    async def after_request(self, ctx: RequestContext) -> None:
+        status = ctx.cache_status
+        if status != MISS and status != STALE:
+            return
+        miss = ctx.state.get("cache")
+        if miss is not None:
+            self._end_flight(miss, failed=True)  # a no-op when the body completed
+            if miss.lock is not None and self.cache is not None and self.cache.redis is not None:
+                redis = self.cache.redis
+                await redis.call(redis.client.eval, _UNLOCK, 1, miss.lock, miss.token)
+                miss.lock = None
+
+    def _end_flight(self, miss: _Miss, failed: bool) -> None:
+        flight = miss.flight
+        if flight is None:
+            return
+        miss.flight = None
+        flight.finish(failed=failed and not flight.done)
+        if self._flights.get(miss.key) is flight:
+            del self._flights[miss.key]
+
+    # -- stale-while-revalidate ------------------------------------------------------
+
+    def _revalidate(self, key: str, ctx: RequestContext, route: Route) -> None:
+        if key in self._refreshing or self.host is None:
+            return
+        app = self.host.state.get("app")
+        if app is None:
+            return
+        self._refreshing.add(key)
+        self.counts["revalidations"] += 1
+        headers = dict(ctx.headers)
+        task = asyncio.get_running_loop().create_task(
+            self._refresh(app, key, route, dict(ctx.scope), headers)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _refresh(
+        self, app: Any, key: str, route: Route, scope: dict[str, Any], headers: dict[str, str]
+    ) -> None:
+        try:
+            result = await revalidate(
+                app, scope, route.settings.lock_ttl, route.settings.max_entry_bytes
+            )
+            if result is not None:
+                ctx = RequestContext(scope, "revalidate", self._policy_for(scope), self.host)
+                tags = None
+                await self._store(route, key, ctx, result, tags)
+        except Exception:
+            logger.exception("background revalidation failed", key=key[:200])
+        finally:
+            self._refreshing.discard(key)
+
+    def _policy_for(self, scope: dict[str, Any]) -> Any:
+        routes = self.host.routes
+        return routes.lookup("GET", scope.get("path", "/")) if routes.rules else routes.default
+
+    # -- invalidation and figures --------------------------------------------------------
+
+    async def invalidate_url(self, path: str, query: str = "", host: str = "") -> int:
+        """Drop the stored response(s) for one URL (all its Vary variants), everywhere."""
+        assert self.cache is not None
+        s = self.settings
+        route = self._route(s)
+        base = route.base_key(path.encode("utf-8"), query.encode("latin-1"), host.encode("latin-1"))
+        n = await self.cache.invalidate([base])
+        return n + await self.cache.invalidate_prefix(base + "\n")
+
+    async def invalidate_prefix(self, path_prefix: str) -> int:
+        """Drop every stored response whose path starts with `path_prefix`, everywhere."""
+        assert self.cache is not None
+        return await self.cache.invalidate_prefix("GET " + path_prefix)
+
+    async def invalidate_tags(self, tags: list[str]) -> int:
+        assert self.cache is not None
+        return await self.cache.invalidate_tags(tags)
+
+    @hookimpl
+    def collect_stats(self, host: Any) -> dict[str, Any]:
+        stats = self.cache.get_stats() if self.cache is not None else {}
+        stats["http"] = dict(self.counts, in_flight=len(self._flights))
+        return stats
+
+    @hookimpl
+    def on_memory_pressure(self, host: Any, level: str) -> None:
+        if self.cache is not None:
+            self.cache.memory.trim(0.0 if level == "critical" else 0.5)
