@@ -46,6 +46,7 @@ class Overdrive:
         plugins: Sequence[Any] = (),
         env: Mapping[str, str] | None = None,
         redis_url: str | None = None,
+        state: Mapping[str, Any] | None = None,
     ) -> None:
         raw = resolve_config(config, env)
         if redis_url is not None:  # the seed's AdvancedPerformanceSystem(redis_url=...)
@@ -56,7 +57,9 @@ class Overdrive:
         self.pm.add_hookspecs(hookspecs)
         self.discovered: dict[str, Discovered] = discover()
         self.plugins: dict[str, PluginInfo] = {}
-        self.state: dict[str, Any] = {}  # shared resources plugins publish (pools, ...)
+        # Shared resources: given by the caller (a "redis_client"), published by plugins.
+        self.state: dict[str, Any] = dict(state or {})
+
         self.started = False
         self._start_lock: asyncio.Lock | None = None
         self._release_at = 0.0

@@ -60,10 +60,9 @@ class AdvancedPerformanceSystem(Overdrive):
     ) -> None:
         if config is None and find_config_file() is None:
             config = {"plugins": seed_plugins()}
-        super().__init__(config, plugins=plugins, env=env, redis_url=redis_url)
-        if redis_client is not None:
-            # Plugins that use Redis take this client when they have no URL of their own.
-            self.state["redis_client"] = redis_client
+        # Plugins that use Redis take `redis_client` when they have no URL of their own.
+        state = {"redis_client": redis_client} if redis_client is not None else {}
+        super().__init__(config, plugins=plugins, env=env, redis_url=redis_url, state=state)
 
     async def get_system_stats(self) -> dict[str, Any]:
         stats = await super().get_system_stats()

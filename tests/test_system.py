@@ -48,3 +48,22 @@ async def test_the_seeds_integration_snippet() -> None:
 def test_an_explicit_config_wins() -> None:
     system = PerformanceOptimizationSystem({"plugins": ["profiler"]})
     assert list(system.plugins) == ["profiler"]
+
+
+async def test_the_basic_systems_cache_uses_the_given_redis_client(
+    redis_url: str, namespace: str
+) -> None:
+    import redis.asyncio as redis
+
+    client = redis.Redis.from_url(redis_url)
+    basic_system = PerformanceOptimizationSystem(redis_client=client)
+    await basic_system.initialize()
+    try:
+        await basic_system.cache.set(f"{namespace}:video_1", {"frames": 24})
+        assert await basic_system.cache.get(f"{namespace}:video_1") == {"frames": 24}
+        assert await client.keys(f"*{namespace}:video_1*")  # it went to Redis too
+    finally:
+        await basic_system.cleanup()
+        for key in await client.keys(f"*{namespace}*"):
+            await client.delete(key)
+        await client.aclose()

@@ -183,12 +183,19 @@ class AsyncCache:
         if isinstance(value, (bytes, bytearray, memoryview)):
             payload = bytes(value)
         else:
-            serializer = self._custom or self._default
-            code = serializer.code
-            try:
-                payload = serializer.dumps(value)
-            except (TypeError, ValueError, OverflowError):
-                payload = None  # not encodable: memory only
+            payload = None  # stays None when no serializer can encode it: memory only
+            # The custom serializer (the HTTP plugin's) first, for what it knows; then the
+            # default, so that the seed's `system.cache.set(key, any_json)` reaches Redis too.
+            for serializer in (self._custom, self._default):
+                if serializer is None:
+                    continue
+                try:
+                    payload = serializer.dumps(value)
+                except (TypeError, ValueError, OverflowError):
+                    continue
+                code = serializer.code
+                break
+
         size = len(payload) if payload is not None else size_of(value)
         if size > self.config.max_value_bytes:
             return False

@@ -96,7 +96,10 @@ class CachePlugin(Plugin):
             max_value_bytes=max(s.max_entry_bytes * 2, 1 << 20),
         )
         url = s.redis_url or getattr(host, "redis_url", None)
-        self.cache = AsyncCache(config, redis_url=url, serializer=HTTPSerializer())
+        client = None if url else host.state.get("redis_client")  # the seed's redis_client=
+        self.cache = AsyncCache(
+            config, redis_client=client, redis_url=url, serializer=HTTPSerializer()
+        )
 
     @hookimpl
     async def overdrive_startup(self, host: Any) -> None:
