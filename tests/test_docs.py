@@ -15,6 +15,8 @@ import types
 from pathlib import Path
 
 import pytest
+from starlette.applications import Starlette
+
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
@@ -45,3 +47,7 @@ async def test_code_blocks_run(path: Path, tmp_path: Path, monkeypatch: pytest.M
         result = eval(code, namespace)
         if result is not None:  # a coroutine when the block awaits at top level
             await result
+    # An app a block configured is built, so its Overdrive configuration is validated too.
+    for value in list(namespace.values()):
+        if isinstance(value, Starlette) and value.user_middleware:
+            value.build_middleware_stack()
