@@ -23,11 +23,12 @@ import structlog
 from . import hookspecs
 from .chains import Chain, PluginInfo, compile_chains
 from .config import HostSettings, PluginFlags, resolve_config
-from .context import Lease, Operation
+from .context import Operation
 from .discovery import Discovered, discover, import_path, plugin_name
-from .errors import ConfigError, PluginError, PluginFailure, PluginLoadError
+from .errors import ConfigError, PluginFailure, PluginLoadError
 from .routes import RouteRule, RouteTable, parse_rules
 from .settings import validate_settings
+from .walk import ChainWalker
 
 logger = structlog.get_logger("overdrive")
 
@@ -36,7 +37,7 @@ _PLUGIN_FLAGS = ("fail_closed", "shadow")
 _EMPTY: Chain = ()
 
 
-class Overdrive:
+class Overdrive(ChainWalker):
     """The plugin host. See DESIGN.md section 2."""
 
     def __init__(
@@ -67,6 +68,7 @@ class Overdrive:
         # Hook timings are sampled: every Nth request is timed (HostSettings.hook_timing_sample).
         self.timed = False
         self.chains: dict[str, Chain] = {}
+        self.sync_hooks: frozenset[str] = frozenset()
 
         enabled = raw.get("plugins", [])
         if isinstance(enabled, str):
@@ -206,6 +208,11 @@ class Overdrive:
     def _compile(self) -> None:
         now = perf_counter()
         self.chains = compile_chains(self.pm, self.plugins, now, trace=self.settings.trace)
+        # Hooks whose implementations are all plain functions: walked without a coroutine.
+        self.sync_hooks = frozenset(
+            hook for hook, chain in self.chains.items() if not any(e[1] for e in chain)
+        )
+
         pending = [i.quarantined_until for i in self.plugins.values() if i.quarantined_until > now]
         self._release_at = min(pending) if pending else 0.0
 
@@ -248,75 +255,6 @@ class Overdrive:
                 seconds=self.settings.quarantine_seconds,
             )
             self._compile()
-
-    # -- walking chains ----------------------------------------------------------
-
-    async def call_first(self, hook: str, *args: Any) -> Any:
-        """Run a firstresult hook; the first non-None result (awaited) wins."""
-        timed = self.timed
-        for fn, is_async, info, timing in self.chains.get(hook, _EMPTY):
-            if timed:
-                t0 = perf_counter()
-            try:
-                result = fn(*args)
-                # A sync def may return an awaitable too: awaited, so firstresult holds.
-                if is_async or (result is not None and inspect.isawaitable(result)):
-                    result = await result
-            except Exception as exc:
-                self.fault(info, hook, exc)
-                continue
-            if timed:
-                _record(timing, perf_counter() - t0)
-            if result is None:
-                continue
-            if hook in hookspecs.SHORT_CIRCUIT_HOOKS and not callable(result):
-                problem = f"returned {type(result).__name__}, not an ASGI callable"
-                self.fault(info, hook, PluginError(info.name, hook, problem))
-                continue
-            if hook == "gpu_allocate" and not (isinstance(result, Lease) or callable(result)):
-                problem = f"returned {type(result).__name__}, not a Lease or an ASGI callable"
-                self.fault(info, hook, PluginError(info.name, hook, problem))
-                continue
-            if info.shadow:
-                info.shadow_hits += 1
-                logger.info("shadow plugin would short-circuit", plugin=info.name, hook=hook)
-                continue
-            return result
-        return None
-
-    async def call_all(self, hook: str, *args: Any) -> list[Any]:
-        """Run every implementation (async ones awaited in turn); results in order."""
-        timed = self.timed
-        results = []
-        for fn, is_async, info, timing in self.chains.get(hook, _EMPTY):
-            if timed:
-                t0 = perf_counter()
-            try:
-                result = fn(*args)
-                # A sync def may return an awaitable too: awaited, so firstresult holds.
-                if is_async or (result is not None and inspect.isawaitable(result)):
-                    result = await result
-            except Exception as exc:
-                self.fault(info, hook, exc)
-                continue
-            if timed:
-                _record(timing, perf_counter() - t0)
-            results.append(result)
-        return results
-
-    def call_sync(self, hook: str, *args: Any) -> None:
-        """Run a sync hook (`on_response_start`)."""
-        timed = self.timed
-        for fn, _, info, timing in self.chains.get(hook, _EMPTY):
-            if timed:
-                t0 = perf_counter()
-            try:
-                fn(*args)
-            except Exception as exc:
-                self.fault(info, hook, exc)
-                continue
-            if timed:
-                _record(timing, perf_counter() - t0)
 
     def _call_sync_all(self, hook: str, *args: Any, startup: bool = False) -> None:
         for fn, _, info, _timing in self.chains.get(hook, _EMPTY):
@@ -459,13 +397,6 @@ def _instantiate(name: str, cls: type) -> Any:
         return cls()
     except Exception as exc:
         raise PluginLoadError(f"plugin {name!r} could not be created: {exc}") from exc
-
-
-def _record(timing: list[float], seconds: float) -> None:
-    timing[0] += 1
-    timing[1] += seconds
-    if seconds > timing[2]:
-        timing[2] = seconds
 
 
 def obj_flag(obj: Any, name: str) -> bool:

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from starlette.applications import Starlette
 
-
 ROOT = Path(__file__).resolve().parent.parent
 FILES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
 FENCE = re.compile(r"^```python[ \t]*(\w*)[ \t]*\n(.*?)^```", re.S | re.M)
