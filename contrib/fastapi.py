@@ -50,9 +50,15 @@ def policy(**plugins: Mapping[str, Any]) -> Callable[[F], F]:
 
 def get_context(request: Request) -> RequestContext:
     """The request's Overdrive context (a 500 naming the cause if the middleware is missing)."""
-    ctx = request.scope.get("overdrive.ctx")
+    scope = request.scope
+    ctx = scope.get("overdrive.ctx")
     if ctx is None:
-        raise HTTPException(500, "OverdriveMiddleware is not installed on this app")
+        host = scope.get("overdrive.host")
+        if host is None:
+            raise HTTPException(500, "OverdriveMiddleware is not installed on this app")
+        # A host with no plugin makes no context per request: make one on demand.
+        ctx = RequestContext(scope, scope["overdrive.request_id"], host.routes.default, host)
+        scope["overdrive.ctx"] = ctx
     return ctx
 
 

@@ -4,14 +4,14 @@ A coroutine costs about as much as three plain calls, and most hooks are
 plain functions, so there are two ways in. `call_first`/`call_all` are
 coroutines for any chain. `first`/`each` are plain functions: on a chain of
 sync implementations they run it without creating a coroutine; otherwise
-(or when a sync implementation returns an awaitable) they return a `Later`
-whose `awaitable` the caller awaits. The middleware uses `first`/`each`.
+(or when a sync implementation returns an awaitable) they return a coroutine
+that the caller awaits. The middleware uses `first`/`each`.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -27,15 +27,6 @@ if TYPE_CHECKING:
 
 logger = structlog.get_logger("overdrive")
 _EMPTY: Chain = ()
-
-
-class Later:
-    """A chain walk that must be awaited: ``result = await later.awaitable``."""
-
-    __slots__ = ("awaitable",)
-
-    def __init__(self, awaitable: Awaitable[Any]) -> None:
-        self.awaitable = awaitable
 
 
 def _record(timing: list[float], seconds: float) -> None:
@@ -112,12 +103,13 @@ class ChainWalker:
         """`call_first(hook, ctx)` without a coroutine where the chain allows.
 
         For the request hooks, which take only the context. Returns the result,
-        or a `Later` to await (an async implementation, or a sync one that
-        returned an awaitable).
+        or a coroutine to await (an async implementation, or a sync one that
+        returned an awaitable). A result is never a coroutine object (it is an
+        ASGI callable or a Lease), so ``type(r) is CoroutineType`` tells them apart.
         """
         chain = self.chains.get(hook, _EMPTY)
         if hook not in self.sync_hooks:
-            return Later(self._first_from(hook, chain, 0, (ctx,)))
+            return self._first_from(hook, chain, 0, (ctx,))
         timed = self.timed
         for entry in chain:
             fn, _, info, timing = entry
@@ -134,7 +126,7 @@ class ChainWalker:
                 continue
             if inspect.isawaitable(result):
                 index = chain.index(entry) + 1
-                return Later(self._first_from(hook, chain, index, (ctx,), result))
+                return self._first_from(hook, chain, index, (ctx,), result)
             if self._accept(info, hook, result) is not None:
                 return result
         return None
@@ -158,13 +150,13 @@ class ChainWalker:
             results.append(result)
         return results
 
-    def each(self, hook: str, ctx: Any) -> Later | None:
+    def each(self, hook: str, ctx: Any) -> Coroutine[Any, Any, Any] | None:
         """`call_all(hook, ctx)` without a coroutine where the chain allows; may return
-        a `Later` to await."""
+        a coroutine to await."""
         if hook not in self.sync_hooks:
-            return Later(self.call_all(hook, ctx))
+            return self.call_all(hook, ctx)
         timed = self.timed
-        pending: list[tuple[PluginInfo, Any]] = []
+        pending: list[tuple[PluginInfo, Any]] | None = None
         for fn, _, info, timing in self.chains.get(hook, _EMPTY):
             if timed:
                 t0 = perf_counter()
@@ -176,8 +168,10 @@ class ChainWalker:
             if timed:
                 _record(timing, perf_counter() - t0)
             if result is not None and inspect.isawaitable(result):
+                if pending is None:
+                    pending = []
                 pending.append((info, result))
-        return Later(self._settle(hook, pending)) if pending else None
+        return self._settle(hook, pending) if pending else None
 
     async def _settle(self, hook: str, pending: list[tuple[PluginInfo, Any]]) -> None:
         """Await what sync implementations of an all-hook returned, in order."""

@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from time import perf_counter
+from types import CoroutineType
 from typing import Any
 
 import structlog
@@ -21,7 +22,6 @@ import structlog
 from overdrive.context import CapturedResponse, Lease, RequestContext
 from overdrive.errors import PluginFailure
 from overdrive.host import Overdrive
-from overdrive.walk import Later
 
 from .endpoints import endpoint_rules, find_routes
 from .request_id import is_sane, new_request_id
@@ -100,6 +100,22 @@ class OverdriveMiddleware:
         if request_id is None:
             request_id = new_request_id()
             rid_value = request_id.encode("ascii")
+        if not host.plugins:
+            # Nothing to run (the "installed, all off" case): the request id alone, and
+            # no context; `overdrive.contrib.fastapi.get_context` builds one if asked.
+            scope["overdrive.host"] = host
+            scope["overdrive.request_id"] = request_id
+            id_header = (rid_name, rid_value)
+
+            async def send_with_id(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    headers = list(message.get("headers") or ())
+                    headers.append(id_header)
+                    message["headers"] = headers
+                await send(message)
+
+            await self.app(scope, receive, send_with_id)
+            return
         routes = host.routes
         policy = (
             routes.lookup(scope.get("method", "GET"), scope.get("path", "/"))
@@ -143,10 +159,6 @@ class OverdriveMiddleware:
                 _observe(ctx, message)
             await send(message)
 
-        if not host.plugins:
-            # Nothing to run: the request id alone (the common "installed, all off" case).
-            await self.app(scope, receive, send_wrapper)
-            return
         every = host.settings.hook_timing_sample
         if every:
             host._ticks += 1
@@ -155,17 +167,17 @@ class OverdriveMiddleware:
         try:
             if chains.get("before_request"):
                 response = host.first("before_request", ctx)
-                if type(response) is Later:
-                    response = await response.awaitable
+                if type(response) is CoroutineType:
+                    response = await response
                 ctx.t_admitted = perf_counter()
             if response is None and chains.get("cache_lookup"):
                 response = host.first("cache_lookup", ctx)
-                if type(response) is Later:
-                    response = await response.awaitable
+                if type(response) is CoroutineType:
+                    response = await response
             if response is None and chains.get("gpu_allocate"):
                 result = host.first("gpu_allocate", ctx)
-                if type(result) is Later:
-                    result = await result.awaitable
+                if type(result) is CoroutineType:
+                    result = await result
                 if isinstance(result, Lease):
                     ctx.lease = result
                 else:
@@ -195,9 +207,9 @@ class OverdriveMiddleware:
                 if ctx.lease is not None:
                     await host.call_all("gpu_release", ctx, ctx.lease)
                 if chains.get("after_request"):
-                    later = host.each("after_request", ctx)
-                    if later is not None:
-                        await later.awaitable
+                    pending = host.each("after_request", ctx)
+                    if pending is not None:
+                        await pending
             except PluginFailure:
                 pass  # logged and counted in host.fault; the response is already decided
 

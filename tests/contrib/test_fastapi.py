@@ -93,3 +93,16 @@ async def test_dependency_without_the_middleware_is_a_clear_500() -> None:
         response = await client.get("/api/thumbnails/abc")
     assert response.status_code == 500
     assert "OverdriveMiddleware is not installed" in response.text
+
+
+async def test_context_on_demand_when_no_plugin_is_enabled() -> None:
+    app = FastAPI()
+
+    @app.get("/ids")
+    async def ids(ctx: OverdriveContext, host: OverdriveHost) -> Any:
+        return {"request_id": ctx.request_id, "plugins": list(host.plugins)}
+
+    async with serve(app) as h:
+        response = await h.client.get("/ids", headers={"x-request-id": "r9"})
+    assert response.json() == {"request_id": "r9", "plugins": []}
+    assert response.headers["x-request-id"] == "r9"
