@@ -26,6 +26,7 @@ from time import perf_counter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+
 from overdrive.plugins.models import ModelCache
 
 WIDTH, LAYERS = 2048, 4

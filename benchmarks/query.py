@@ -23,9 +23,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from overdrive.plugins.query import QueryOptimizer
 from sqlalchemy import bindparam, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from overdrive.plugins.query import QueryOptimizer
 
 LOADS = 1000
 KEYS = 100

@@ -28,6 +28,7 @@ from time import monotonic
 from typing import Any, ClassVar
 
 import structlog
+
 from overdrive import ConfigError, Plugin, hookimpl
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
 
 logger = structlog.get_logger("overdrive.query")
 
+_MISS: Any = object()
 BatchFn = Callable[[list[Any]], Awaitable[Sequence[Any] | Mapping[Any, Any]]]
 
 
@@ -219,11 +221,13 @@ class _Batch:
 class QueryOptimizer:
     """The seed's `QueryOptimizer(cache)`: `cached_query`, `batch_query`, `loader`.
 
-    `cache` is an `AsyncCache` (anything with ``await get(key)`` and
+    `cache` is an `AsyncCache` (anything with ``await get(key, default)`` and
     ``await set(key, value, ttl=)``); None uses an in-process `MemoryStore`.
+    Results go through the cache's serializer (JSON by default in `AsyncCache`):
+    return rows as dicts or lists, not ORM objects. None ("no such row") is
+    cached like any other result.
     `query_timeout` bounds each query (None: unbounded); after a connection
     failure misses raise `QueryUnavailable` at once for `retry_after` seconds.
-    A result of None is returned but not cached (None means "miss" to a cache).
     """
 
     def __init__(
@@ -257,12 +261,12 @@ class QueryOptimizer:
         one call. Raises `QueryUnavailable` quickly while the database is unreachable.
         """
         try:
-            value = await self.cache.get(key)
+            value = await self.cache.get(key, _MISS)
         except Exception as exc:  # the cache's own failure is a miss, not an outage
             self.cache_errors += 1
             logger.warning("query cache read failed", key=key, error=repr(exc))
-            value = None
-        if value is not None:
+            value = _MISS
+        if value is not _MISS:
             self.hits += 1
             return value
         fut = self._inflight.get(key)
@@ -278,12 +282,11 @@ class QueryOptimizer:
     async def _miss(self, key: str, fn: Callable[[], Any], ttl: float | None) -> Any:
         try:
             value = await self.run(key, fn)
-            if value is not None:
-                try:
-                    await self.cache.set(key, value, ttl=ttl)
-                except Exception as exc:
-                    self.cache_errors += 1
-                    logger.warning("query cache write failed", key=key, error=repr(exc))
+            try:
+                await self.cache.set(key, value, ttl=ttl)
+            except Exception as exc:
+                self.cache_errors += 1
+                logger.warning("query cache write failed", key=key, error=repr(exc))
             return value
         finally:
             self._inflight.pop(key, None)

@@ -24,6 +24,7 @@ from time import monotonic
 from typing import Any, ClassVar
 
 import structlog
+
 from overdrive import ConfigError, Plugin, hookimpl
 
 from .predictor import Predictor

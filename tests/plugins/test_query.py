@@ -12,13 +12,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import overdrive.plugins.query as query_mod
 import pytest
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+import overdrive.plugins.query as query_mod
 from overdrive import ConfigError
 from overdrive.contrib.testing import check_plugin, make_host
 from overdrive.plugins.query import DataLoader, QueryOptimizer, QueryPlugin, QueryUnavailable
-from sqlalchemy import event, text
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 
 async def drop_table(engine: AsyncEngine, name: str) -> None:
@@ -148,6 +149,10 @@ async def test_cached_query_is_single_flight_then_served_from_cache(any_db: Coun
     assert len(db.statements) == 1
     stats = query_optimizer.stats()
     assert stats["misses"] == 1 and stats["shared"] == 29 and stats["hits"] == 1
+    # "No such row" is an answer too: cached, not asked again.
+    assert await query_optimizer.cached_query("video_x", lambda: db.title(12345)) is None
+    assert await query_optimizer.cached_query("video_x", lambda: db.title(12345)) is None
+    assert len(db.statements) == 2
 
 
 async def test_batch_query_seed_shape(pg_db: Counted) -> None:
@@ -241,7 +246,7 @@ async def test_postgres_going_away_serves_cached_and_fails_misses_fast(
 
 async def test_cache_failures_are_misses_not_outages() -> None:
     class BrokenCache:
-        async def get(self, key: str) -> Any:
+        async def get(self, key: str, default: Any = None) -> Any:
             raise ConnectionError("redis down")
 
         async def set(self, key: str, value: Any, ttl: float | None = None) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import threading
 
 import pytest
+
 from overdrive.plugins.models import LazyDict, LazyLoader, LoadError
 
 

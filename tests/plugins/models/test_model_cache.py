@@ -6,8 +6,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import overdrive.plugins.models as models_mod
 import pytest
+
+import overdrive.plugins.models as models_mod
 from overdrive import ConfigError
 from overdrive.contrib.testing import check_plugin, make_host
 from overdrive.plugins.models import ModelCache, ModelCacheFull, ModelsPlugin, measure_bytes

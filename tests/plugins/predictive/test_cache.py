@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import random
 
-import overdrive.plugins.predictive as predictive_mod
 import pytest
+
+import overdrive.plugins.predictive as predictive_mod
 from overdrive.plugins.predictive import PredictiveCache, Predictor, TransitionModel
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from overdrive import CapturedResponse, ConfigError, RequestContext, hookimpl
-from overdrive.contrib.testing import check_plugin, make_host, serve
-from overdrive.plugins.predictive import PredictivePlugin, is_prefetch
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
+
+from overdrive import CapturedResponse, ConfigError, RequestContext, hookimpl
+from overdrive.contrib.testing import check_plugin, make_host, serve
+from overdrive.plugins.predictive import PredictivePlugin, is_prefetch
 
 
 class TinyCache:
