@@ -254,6 +254,38 @@ def test_plugin_contract_and_settings_errors() -> None:
         make_host(ModelsPlugin, config={"models": {"max_gpu_bytes": "lots"}})
 
 
+async def test_eviction_from_a_device_parks_in_host_memory(tmp_path: Path) -> None:
+    # torch accepts "cpu:1" as a device: here it stands for an accelerator, so the
+    # device budget, parking and the copy back run for real without a GPU (the
+    # copies are cheap on CPU; the CUDA test below checks the real transfer).
+    loads = Loads(tmp_path)
+    mc = ModelCache(max_gpu_bytes=2 * MODEL_BYTES, max_host_bytes=2 * MODEL_BYTES)
+    for name in "abc":
+        mc.register_model(name, loads.loader(name), device="cpu:1")
+    await mc.get_model("a")
+    await mc.get_model("b")
+    await mc.get_model("c")  # a leaves the device budget: parked, not dropped
+    assert mc.parked() == ["a"] and sorted(mc.loaded()) == ["b", "c"]
+    assert mc.used_bytes("cpu:1") == 2 * MODEL_BYTES and mc.used_bytes("cpu") == MODEL_BYTES
+    a = await mc.get_model("a")  # back by copy: b (least recent) is parked in turn
+    assert isinstance(a, torch.nn.Linear)
+    assert loads.calls == {"a": 1, "b": 1, "c": 1}
+    assert sorted(mc.parked()) == ["b"] and sorted(mc.loaded()) == ["a", "c"]
+    stats = mc.stats()["models"]
+    assert stats["a"]["parks"] == 1 and stats["a"]["restores"] == 1
+    assert stats["a"]["restore_seconds"] is not None
+    # Host budget of two: parking a third model drops the coldest parked copy.
+    mc.register_model("d", loads.loader("d"), device="cpu:1")
+    await mc.get_model("d")  # c parked; host holds b and c
+    await mc.get_model("b")  # b back; a parked
+    await mc.get_model("c")  # c back; d parked, host full: the coldest parked one goes
+    assert mc.used_bytes("cpu") <= 2 * MODEL_BYTES
+    assert mc.used_bytes("cpu:1") == 2 * MODEL_BYTES
+    await mc.on_memory_pressure("warning")  # parked copies go first
+    assert mc.parked() == []
+    assert mc.used_bytes("cpu") == 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 async def test_gpu_eviction_parks_in_host_memory_and_restores_by_copy(tmp_path: Path) -> None:
     loads = Loads(tmp_path)
