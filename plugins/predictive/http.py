@@ -35,6 +35,7 @@ logger = structlog.get_logger("overdrive.predictive")
 
 PREFETCH_EXTENSION = "overdrive.prefetch"
 _PRIVATE = (b"private", b"no-store")
+_PERSONAL = frozenset({b"authorization", b"cookie"})
 _COPY_HEADERS = frozenset({b"host", b"accept", b"accept-encoding", b"accept-language"})
 
 
@@ -93,7 +94,7 @@ class PredictivePlugin(Plugin):
         self.predictor: Predictor | None = None
         self._host: Any = None
         self._entry: Any = None  # a second middleware over the same app and host
-        self._client_header: str | None = None
+        self._client_header: bytes | None = None
         self._storable: OrderedDict[str, bool] = OrderedDict()
         self._recent: dict[str, float] = {}  # key -> last seen or prefetched (monotonic)
         self._prefetched: OrderedDict[str, float] = OrderedDict()  # key -> when, not yet used
@@ -108,7 +109,8 @@ class PredictivePlugin(Plugin):
     def overdrive_configure(self, host: Any) -> None:
         s: PredictiveSettings = self.settings
         self._host = host
-        self._client_header = s.client[len("header:") :].lower() if s.client else None
+        if s.client.startswith("header:"):
+            self._client_header = s.client[len("header:") :].strip().lower().encode("latin-1")
         self.predictor = Predictor(
             threshold=s.threshold,
             decay=s.decay,
@@ -128,16 +130,20 @@ class PredictivePlugin(Plugin):
         if c == "ip":
             peer = ctx.scope.get("client")
             return peer[0] if peer else None
-        return ctx.headers.get(self._client_header)
+        wanted = self._client_header
+        for name, value in ctx.raw_headers:
+            if name.lower() == wanted:
+                return value
+        return None
 
     @hookimpl
     def after_request(self, ctx: Any) -> None:
         scope = ctx.scope
         if ctx.method != "GET" or is_prefetch(scope) or self.predictor is None:
             return
-        headers = ctx.headers
-        if "authorization" in headers or "cookie" in headers:
-            return  # personal traffic: neither learned nor prefetched
+        for name, _ in ctx.raw_headers:
+            if name.lower() in _PERSONAL:
+                return  # personal traffic: neither learned nor prefetched
         qs = scope.get("query_string") or b""
         key = f"{ctx.path}?{qs.decode('latin-1')}" if qs else ctx.path
         self.observed += 1
