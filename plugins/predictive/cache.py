@@ -204,6 +204,10 @@ class PredictiveCache:
 
     async def _prefetch(self, key: str, loader: Loader) -> None:
         try:
+            if self.backend is not None and await self.backend.get(key) is not None:
+                self._prefetched.pop(key, None)  # already there: nothing to load
+                self.issued -= 1
+                return
             await self._load(key, loader, prefetch=True)
         except Exception as exc:
             self.failed += 1
