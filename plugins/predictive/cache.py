@@ -51,6 +51,7 @@ class PredictiveCache:
         max_clients: int = 10_000,
         max_keys: int = 10_000,
         prefetch: bool = True,
+        load_timeout: float | None = 30.0,
     ) -> None:
         if max_size < 1:
             raise ValueError(f"PredictiveCache: max_size must be >= 1, got {max_size!r}")
@@ -60,6 +61,9 @@ class PredictiveCache:
         self.ttl = ttl
         self.backend = cache
         self.prefetch = prefetch  # False: learn only (a baseline, or a dry run)
+        if load_timeout is not None and load_timeout <= 0:
+            raise ValueError(f"PredictiveCache: load_timeout must be > 0, got {load_timeout!r}")
+        self.load_timeout = load_timeout
         self.predictor = Predictor(
             threshold=threshold,
             decay=decay,
@@ -234,7 +238,17 @@ class PredictiveCache:
             self.loads += 1
             value = loader(key)
             if inspect.isawaitable(value):
-                value = await value
+                if self.load_timeout is not None:
+                    try:
+                        async with asyncio.timeout(self.load_timeout):
+                            value = await value
+                    except TimeoutError:
+                        raise TimeoutError(
+                            f"PredictiveCache: loading {key!r} timed out "
+                            f"after {self.load_timeout} s"
+                        ) from None
+                else:
+                    value = await value
             if value is not None:
                 await self._write(key, value, None)
             else:

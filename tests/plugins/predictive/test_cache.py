@@ -167,6 +167,28 @@ async def test_concurrent_misses_share_one_load_and_failures_are_not_kept() -> N
     assert calls == 2
 
 
+async def test_a_hanging_loader_times_out_and_frees_its_prefetch_slot() -> None:
+    async def hang(key: str) -> str:
+        await asyncio.Event().wait()
+        return "never"
+
+    pc = PredictiveCache(10, load_timeout=0.05, max_inflight=1, min_support=1)
+    pc.register_loader(hang)
+    results = await asyncio.gather(pc.get("k"), pc.get("k"), return_exceptions=True)
+    assert all(isinstance(r, TimeoutError) and "'k' timed out" in str(r) for r in results)
+    await pc.set("a", 1)
+    for _ in range(3):  # learn a -> b, where b's loader hangs
+        await pc.get("a")
+        await pc.set("b", 2)
+        await pc.get("b")
+        await pc.delete("b")
+    await pc.get("a")  # prefetch of b starts and hangs ...
+    await asyncio.sleep(0.1)  # ... until the timeout frees the slot
+    assert pc.predictor.inflight == 0
+    assert pc.stats()["prefetch"]["failed"] >= 1
+    await pc.close()
+
+
 async def test_lru_bound_and_ttl() -> None:
     pc = PredictiveCache(max_size=2, ttl=60)
     for k in "abc":
