@@ -400,6 +400,8 @@ class QuerySettings:
     default_ttl: float | None = 300.0  # seconds a cached_query result lives; None: the cache's
     query_timeout: float | None = 30.0  # seconds one query or batch may take; None: no limit
     retry_after: float = 2.0  # seconds misses fail fast after the database was unreachable
+    max_entries: int = 10_000  # results kept in process memory
+    use_redis: bool = True  # share results through Redis when the host has a redis_url
 
     def __post_init__(self) -> None:
         for key in ("default_ttl", "query_timeout"):
@@ -408,10 +410,30 @@ class QuerySettings:
                 raise ConfigError(f"query.{key}: expected > 0 or none, got {value!r}")
         if self.retry_after < 0:
             raise ConfigError(f"query.retry_after: expected >= 0, got {self.retry_after!r}")
+        if self.max_entries < 1:
+            raise ConfigError(f"query.max_entries: expected >= 1, got {self.max_entries!r}")
+
+
+def make_cache(s: QuerySettings, redis_url: str | None) -> Any:
+    """An `AsyncCache` of the query plugin's own (memory, plus Redis when given), or a
+    `MemoryStore` where the cache module is not installed.
+
+    Not the HTTP cache plugin's instance: that one encodes HTTP responses, and
+    query results must not share its key space.
+    """
+    try:
+        from overdrive.plugins.cache import (  # type: ignore[import-not-found,unused-ignore]
+            AsyncCache,
+            CacheConfig,
+        )
+    except ImportError:
+        return MemoryStore(s.max_entries)
+    config = CacheConfig(ttl=s.default_ttl, max_size=s.max_entries, namespace="overdrive:query")
+    return AsyncCache(config, redis_url=redis_url if s.use_redis else None)
 
 
 class QueryPlugin(Plugin):
-    """`host.query_optimizer`: a `QueryOptimizer` on the cache plugin's cache, if enabled."""
+    """`host.query_optimizer`: a `QueryOptimizer` on an `AsyncCache` of its own."""
 
     name = "query"
     Settings = QuerySettings
@@ -424,14 +446,18 @@ class QueryPlugin(Plugin):
     @hookimpl
     def overdrive_configure(self, host: Any) -> None:
         s: QuerySettings = self.settings
-        cache_plugin = host.get_plugin("cache")
-        cache = getattr(cache_plugin, "cache", None) if cache_plugin is not None else None
         self.optimizer = QueryOptimizer(
-            cache,
+            make_cache(s, getattr(host, "redis_url", None)),
             default_ttl=s.default_ttl,
             query_timeout=s.query_timeout,
             retry_after=s.retry_after,
         )
+
+    @hookimpl
+    async def overdrive_shutdown(self, host: Any) -> None:
+        close = getattr(self.optimizer.cache, "close", None) if self.optimizer else None
+        if close is not None:
+            await close()
 
     @hookimpl
     def collect_stats(self, host: Any) -> dict[str, Any] | None:
