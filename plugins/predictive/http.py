@@ -35,6 +35,7 @@ logger = structlog.get_logger("overdrive.predictive")
 
 PREFETCH_EXTENSION = "overdrive.prefetch"
 _PRIVATE = (b"private", b"no-store")
+REFUSE_SECONDS = 300.0  # a URL the cache did not keep is not prefetched for this long
 _PERSONAL = frozenset({b"authorization", b"cookie"})
 _COPY_HEADERS = frozenset({b"host", b"accept", b"accept-encoding", b"accept-language"})
 
@@ -98,11 +99,13 @@ class PredictivePlugin(Plugin):
         self._storable: OrderedDict[str, bool] = OrderedDict()
         self._recent: dict[str, float] = {}  # key -> last seen or prefetched (monotonic)
         self._prefetched: OrderedDict[str, float] = OrderedDict()  # key -> when, not yet used
+        self._refused: OrderedDict[str, float] = OrderedDict()  # key -> when refused
         self._tasks: set[asyncio.Task[None]] = set()
         self.observed = 0
         self.issued = 0
         self.used = 0
         self.expired = 0
+        self.not_kept = 0
         self.failed = 0
 
     @hookimpl
@@ -139,8 +142,12 @@ class PredictivePlugin(Plugin):
     @hookimpl
     def after_request(self, ctx: Any) -> None:
         scope = ctx.scope
-        if ctx.method != "GET" or is_prefetch(scope) or self.predictor is None:
+        if ctx.method != "GET" or self.predictor is None:
             return
+        if is_prefetch(scope):
+            if ctx.cache_status == "BYPASS":  # the cache plugin said it will not store it
+                self._refuse(scope["extensions"][PREFETCH_EXTENSION]["key"])
+            return  # not client traffic: neither learned from nor a trigger
         for name, _ in ctx.raw_headers:
             if name.lower() in _PERSONAL:
                 return  # personal traffic: neither learned nor prefetched
@@ -151,12 +158,24 @@ class PredictivePlugin(Plugin):
         self._remember(key, _storable(ctx.status, ctx.response_headers))
         self._recent[key] = now
         if self._prefetched.pop(key, None) is not None:
-            self.used += 1
+            if ctx.cache_status == "MISS":
+                # The cache plugin did not keep what we fetched (no freshness, evicted,
+                # another variant): speculating on this URL is wasted work.
+                self.not_kept += 1
+                self._refuse(key)
+            else:
+                self.used += 1
         likely = self.predictor.observe(key, self._client(ctx))
         if likely:
             self._expire(now)
             for nxt, _p in likely:
                 self._maybe_prefetch(str(nxt), scope, now)
+
+    def _refuse(self, key: str) -> None:
+        self._refused[key] = monotonic()
+        self._refused.move_to_end(key)
+        if len(self._refused) > self.settings.max_keys:
+            self._refused.popitem(last=False)
 
     def _remember(self, key: str, storable: bool) -> None:
         self._storable[key] = storable
@@ -177,6 +196,11 @@ class PredictivePlugin(Plugin):
     def _maybe_prefetch(self, key: str, scope: MutableMapping[str, Any], now: float) -> None:
         if not self._storable.get(key):
             return
+        refused = self._refused.get(key)
+        if refused is not None:
+            if now - refused < REFUSE_SECONDS:
+                return
+            del self._refused[key]  # try it once more
         seen = self._recent.get(key)
         if seen is not None and now - seen < self.settings.refetch_after:
             return
@@ -232,7 +256,7 @@ class PredictivePlugin(Plugin):
                 if message["type"] == "http.response.start":
                     status.append(message["status"])
                     if not _storable(message["status"], message.get("headers") or []):
-                        self._storable[key] = False  # never again on speculation
+                        self._refuse(key)  # never again on speculation
                 elif message["type"] == "http.response.body" and not message.get("more_body"):
                     finished.set()
 
@@ -269,6 +293,8 @@ class PredictivePlugin(Plugin):
                 "issued": self.issued,
                 "used": self.used,
                 "expired_unused": self.expired,
+                "not_kept": self.not_kept,
+                "refused_keys": len(self._refused),
                 "failed": self.failed,
                 "inflight": len(self._tasks),
                 "used_share": round(self.used / self.issued, 4) if self.issued else None,

@@ -244,6 +244,47 @@ async def test_postgres_going_away_serves_cached_and_fails_misses_fast(
         await cleanup.dispose()
 
 
+async def test_cached_query_on_async_cache_is_shared_between_workers(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    cache_mod = pytest.importorskip("overdrive.plugins.cache", reason="no cache plugin here")
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'w.db'}")
+    db = Counted(engine)
+    await db.setup()
+    caches = [
+        cache_mod.AsyncCache(cache_mod.CacheConfig(namespace=namespace), redis_url=redis_url)
+        for _ in range(2)
+    ]
+    try:
+        worker_1, worker_2 = (QueryOptimizer(c) for c in caches)
+        results = await asyncio.gather(
+            *(worker_1.cached_query("video_3", lambda: db.title(3), ttl=60) for _ in range(20))
+        )
+        assert results == ["video 3"] * 20
+        assert len(db.statements) == 1
+        # Another worker (its own memory tier) finds it in Redis: no query.
+        assert await worker_2.cached_query("video_3", lambda: db.title(3)) == "video 3"
+        assert len(db.statements) == 1
+        assert worker_2.stats()["hits"] == 1
+    finally:
+        for c in caches:
+            await c.clear()
+            await c.close()
+        await engine.dispose()
+
+
+async def test_plugin_uses_an_async_cache_of_its_own() -> None:
+    cache_mod = pytest.importorskip("overdrive.plugins.cache", reason="no cache plugin here")
+    host = make_host(QueryPlugin, cache_mod.CachePlugin)
+    optimizer = host.query_optimizer
+    assert isinstance(optimizer.cache, cache_mod.AsyncCache)
+    assert optimizer.cache is not host.cache  # not the HTTP cache's (response encoding)
+    assert await optimizer.cached_query("rows", lambda: [{"id": 1}]) == [{"id": 1}]
+    assert await optimizer.cached_query("rows", lambda: []) == [{"id": 1}]
+    await host.initialize()
+    await host.cleanup()
+
+
 async def test_cache_failures_are_misses_not_outages() -> None:
     class BrokenCache:
         async def get(self, key: str, default: Any = None) -> Any:
