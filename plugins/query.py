@@ -414,7 +414,7 @@ class QuerySettings:
             raise ConfigError(f"query.max_entries: expected >= 1, got {self.max_entries!r}")
 
 
-def make_cache(s: QuerySettings, redis_url: str | None) -> Any:
+def make_cache(s: QuerySettings, redis_url: str | None, redis_client: Any = None) -> Any:
     """An `AsyncCache` of the query plugin's own (memory, plus Redis when given), or a
     `MemoryStore` where the cache module is not installed.
 
@@ -429,7 +429,9 @@ def make_cache(s: QuerySettings, redis_url: str | None) -> Any:
     except ImportError:
         return MemoryStore(s.max_entries)
     config = CacheConfig(ttl=s.default_ttl, max_size=s.max_entries, namespace="overdrive:query")
-    return AsyncCache(config, redis_url=redis_url if s.use_redis else None)
+    if not s.use_redis:
+        return AsyncCache(config)
+    return AsyncCache(config, redis_url=redis_url, redis_client=redis_client)
 
 
 class QueryPlugin(Plugin):
@@ -452,6 +454,20 @@ class QueryPlugin(Plugin):
             query_timeout=s.query_timeout,
             retry_after=s.retry_after,
         )
+
+    @hookimpl
+    def overdrive_startup(self, host: Any) -> None:
+        # The seed's system hands a Redis client over after configure; take it then.
+        client = host.state.get("redis_client")
+        s: QuerySettings = self.settings
+        if (
+            client is not None
+            and s.use_redis
+            and self.optimizer is not None
+            and not getattr(host, "redis_url", None)
+            and not isinstance(self.optimizer.cache, MemoryStore)
+        ):
+            self.optimizer.cache = make_cache(s, None, redis_client=client)
 
     @hookimpl
     async def overdrive_shutdown(self, host: Any) -> None:
