@@ -4,9 +4,8 @@ Why it exists: the same read is asked for by many concurrent requests (N
 identical queries where one would do), and many different reads arrive in the
 same instant (N round trips where one ``WHERE id = ANY(...)`` would do).
 
-- `cached_query(key, fn, ttl=)`: read through the cache (the cache plugin's
-  `AsyncCache` when enabled, else a small in-process TTL store); concurrent
-  misses of one key share one call of `fn`.
+- `cached_query(key, fn, ttl=)`: read through an `AsyncCache` (memory, and
+  Redis when configured); concurrent misses of one key share one call of `fn`.
 - `loader(batch_fn)`: a DataLoader (the pattern of graphql/dataloader): the
   loads requested in one event-loop tick are gathered into one `batch_fn(keys)`
   call, with duplicate keys sent once.
@@ -30,10 +29,10 @@ from typing import Any, ClassVar
 import structlog
 
 from overdrive import ConfigError, Plugin, hookimpl
+from overdrive.plugins.cache import AsyncCache, CacheConfig
 
 __all__ = [
     "DataLoader",
-    "MemoryStore",
     "QueryOptimizer",
     "QueryPlugin",
     "QueryUnavailable",
@@ -68,32 +67,6 @@ def is_connection_error(exc: BaseException) -> bool:
         orig = getattr(e, "orig", None)
         e = orig if isinstance(orig, BaseException) else (e.__cause__ or e.__context__)
     return False
-
-
-class MemoryStore:
-    """A minimal in-process TTL store with the `AsyncCache` calls QueryOptimizer uses."""
-
-    def __init__(self, max_entries: int = 10_000) -> None:
-        self.max_entries = max_entries
-        self._data: dict[str, tuple[float, Any]] = {}
-
-    async def get(self, key: str, default: Any = None) -> Any:
-        item = self._data.get(key)
-        if item is None:
-            return default
-        expires, value = item
-        if expires and monotonic() >= expires:
-            del self._data[key]
-            return default
-        return value
-
-    async def set(self, key: str, value: Any, ttl: float | None = None) -> None:
-        if len(self._data) >= self.max_entries and key not in self._data:
-            self._data.pop(next(iter(self._data)))  # oldest inserted first
-        self._data[key] = (monotonic() + ttl if ttl else 0.0, value)
-
-    async def delete(self, key: str) -> None:
-        self._data.pop(key, None)
 
 
 async def _call(fn: Callable[..., Any], *args: Any) -> Any:
@@ -222,7 +195,7 @@ class QueryOptimizer:
     """The seed's `QueryOptimizer(cache)`: `cached_query`, `batch_query`, `loader`.
 
     `cache` is an `AsyncCache` (anything with ``await get(key, default)`` and
-    ``await set(key, value, ttl=)``); None uses an in-process `MemoryStore`.
+    ``await set(key, value, ttl=)``); None uses a memory-only `AsyncCache`.
     Results go through the cache's serializer (JSON by default in `AsyncCache`):
     return rows as dicts or lists, not ORM objects. None ("no such row") is
     cached like any other result.
@@ -238,7 +211,9 @@ class QueryOptimizer:
         query_timeout: float | None = 30.0,
         retry_after: float = 2.0,
     ) -> None:
-        self.cache = cache if cache is not None else MemoryStore()
+        if cache is None:
+            cache = AsyncCache(CacheConfig(ttl=default_ttl, namespace="overdrive:query"))
+        self.cache = cache
         self.default_ttl = default_ttl
         self.query_timeout = query_timeout
         self.retry_after = retry_after
@@ -414,20 +389,12 @@ class QuerySettings:
             raise ConfigError(f"query.max_entries: expected >= 1, got {self.max_entries!r}")
 
 
-def make_cache(s: QuerySettings, redis_url: str | None, redis_client: Any = None) -> Any:
-    """An `AsyncCache` of the query plugin's own (memory, plus Redis when given), or a
-    `MemoryStore` where the cache module is not installed.
+def make_cache(s: QuerySettings, redis_url: str | None, redis_client: Any = None) -> AsyncCache:
+    """An `AsyncCache` of the query plugin's own (memory, plus Redis when given).
 
-    Not the HTTP cache plugin's instance: that one encodes HTTP responses, and
-    query results must not share its key space.
+    Not the HTTP cache plugin's instance: query results must not share the
+    HTTP responses' key space (or their eviction).
     """
-    try:
-        from overdrive.plugins.cache import (  # type: ignore[import-not-found,unused-ignore]
-            AsyncCache,
-            CacheConfig,
-        )
-    except ImportError:
-        return MemoryStore(s.max_entries)
     config = CacheConfig(ttl=s.default_ttl, max_size=s.max_entries, namespace="overdrive:query")
     if not s.use_redis:
         return AsyncCache(config)
@@ -465,7 +432,8 @@ class QueryPlugin(Plugin):
             and s.use_redis
             and self.optimizer is not None
             and not getattr(host, "redis_url", None)
-            and not isinstance(self.optimizer.cache, MemoryStore)
+            and isinstance(self.optimizer.cache, AsyncCache)
+            and self.optimizer.cache.redis is None
         ):
             self.optimizer.cache = make_cache(s, None, redis_client=client)
 

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 import overdrive.plugins.query as query_mod
 from overdrive import ConfigError
 from overdrive.contrib.testing import check_plugin, make_host
+from overdrive.plugins.cache import AsyncCache, CacheConfig, CachePlugin
 from overdrive.plugins.query import DataLoader, QueryOptimizer, QueryPlugin, QueryUnavailable
 
 
@@ -117,7 +118,6 @@ def test_public_names_are_pinned() -> None:
     assert query_mod.__all__ == sorted(query_mod.__all__)
     assert query_mod.__all__ == [
         "DataLoader",
-        "MemoryStore",
         "QueryOptimizer",
         "QueryPlugin",
         "QueryUnavailable",
@@ -247,14 +247,10 @@ async def test_postgres_going_away_serves_cached_and_fails_misses_fast(
 async def test_cached_query_on_async_cache_is_shared_between_workers(
     redis_url: str, namespace: str, tmp_path: Path
 ) -> None:
-    cache_mod = pytest.importorskip("overdrive.plugins.cache", reason="no cache plugin here")
     engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'w.db'}")
     db = Counted(engine)
     await db.setup()
-    caches = [
-        cache_mod.AsyncCache(cache_mod.CacheConfig(namespace=namespace), redis_url=redis_url)
-        for _ in range(2)
-    ]
+    caches = [AsyncCache(CacheConfig(namespace=namespace), redis_url=redis_url) for _ in range(2)]
     try:
         worker_1, worker_2 = (QueryOptimizer(c) for c in caches)
         results = await asyncio.gather(
@@ -274,10 +270,9 @@ async def test_cached_query_on_async_cache_is_shared_between_workers(
 
 
 async def test_plugin_uses_an_async_cache_of_its_own() -> None:
-    cache_mod = pytest.importorskip("overdrive.plugins.cache", reason="no cache plugin here")
-    host = make_host(QueryPlugin, cache_mod.CachePlugin)
+    host = make_host(QueryPlugin, CachePlugin)
     optimizer = host.query_optimizer
-    assert isinstance(optimizer.cache, cache_mod.AsyncCache)
+    assert isinstance(optimizer.cache, AsyncCache)
     assert optimizer.cache is not host.cache  # not the HTTP cache's (response encoding)
     assert await optimizer.cached_query("rows", lambda: [{"id": 1}]) == [{"id": 1}]
     assert await optimizer.cached_query("rows", lambda: []) == [{"id": 1}]

@@ -1,23 +1,18 @@
-"""The predictive plugin with the real `cache` plugin, and PredictiveCache on AsyncCache.
-
-Skipped where the cache plugin is not installed (it comes from its own branch).
-"""
+"""The predictive plugin with the real `cache` plugin, and PredictiveCache on AsyncCache."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+import overdrive.plugins.cache as cache_mod
 from overdrive.contrib.testing import make_host, serve
 from overdrive.plugins.predictive import PredictiveCache, PredictivePlugin, is_prefetch
-
-cache_mod = pytest.importorskip("overdrive.plugins.cache", reason="the cache plugin is not here")
 
 
 def make_app(app_calls: list[tuple[str, bool]]) -> Starlette:
