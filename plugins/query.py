@@ -415,27 +415,14 @@ class QueryPlugin(Plugin):
     @hookimpl
     def overdrive_configure(self, host: Any) -> None:
         s: QuerySettings = self.settings
+        url = getattr(host, "redis_url", None)
+        client = None if url else host.state.get("redis_client")  # the seed's redis_client=
         self.optimizer = QueryOptimizer(
-            make_cache(s, getattr(host, "redis_url", None)),
+            make_cache(s, url, client),
             default_ttl=s.default_ttl,
             query_timeout=s.query_timeout,
             retry_after=s.retry_after,
         )
-
-    @hookimpl
-    def overdrive_startup(self, host: Any) -> None:
-        # The seed's system hands a Redis client over after configure; take it then.
-        client = host.state.get("redis_client")
-        s: QuerySettings = self.settings
-        if (
-            client is not None
-            and s.use_redis
-            and self.optimizer is not None
-            and not getattr(host, "redis_url", None)
-            and isinstance(self.optimizer.cache, AsyncCache)
-            and self.optimizer.cache.redis is None
-        ):
-            self.optimizer.cache = make_cache(s, None, redis_client=client)
 
     @hookimpl
     async def overdrive_shutdown(self, host: Any) -> None:

@@ -280,6 +280,19 @@ async def test_plugin_uses_an_async_cache_of_its_own() -> None:
     await host.cleanup()
 
 
+async def test_the_seed_systems_redis_client_is_used(redis_url: str) -> None:
+    import redis.asyncio as aioredis
+
+    from overdrive import AdvancedPerformanceSystem
+
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        system = AdvancedPerformanceSystem({"plugins": ["query"]}, redis_client=client)
+        assert system.query_optimizer.cache.redis is not None
+    finally:
+        await client.aclose()
+
+
 async def test_cache_failures_are_misses_not_outages() -> None:
     class BrokenCache:
         async def get(self, key: str, default: Any = None) -> Any:
