@@ -1,4 +1,5 @@
-"""`ScalingConfig`, the seed's scaling bounds, shared by the tasks and concurrency plugins.
+"""`ScalingConfig` and `desired_size`: the seed's scaling bounds and the one rule that
+applies them, shared by the tasks and concurrency plugins.
 
 One definition, so that the same config means the same thing for a worker pool
 (`overdrive.plugins.tasks.AutoScaler`) and a concurrency limit (the
@@ -8,12 +9,13 @@ that neither plugin has to import the other (the tasks plugin pulls in taskiq).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
 from overdrive import ConfigError
 
-__all__ = ["ScalingConfig"]
+__all__ = ["ScalingConfig", "desired_size"]
 
 
 @dataclass
@@ -78,3 +80,43 @@ def _validate(v: dict[str, Any]) -> None:
     for key in ("scale_up_step", "scale_down_step"):
         if v[key] is not None and (not isinstance(v[key], int) or v[key] < 1):
             fail(key, "an integer >= 1 or None")
+
+
+def desired_size(
+    c: ScalingConfig,
+    current: int,
+    load: float,
+    now: float,
+    last_up: float,
+    last_change: float,
+    unit: str = "worker",
+) -> tuple[int, str]:
+    """The scaling rule, without side effects: (desired size, reason).
+
+    `load` is the units of work present (busy or waiting, on average). Per-unit
+    load above ``scale_up_threshold`` grows the size to ``ceil(load /
+    scale_up_threshold)`` (Kubernetes HPA's ``ceil(current * metric / target)``),
+    at least one more and at most ``scale_up_step`` more, unless the last scale-up
+    (`last_up`) is within ``scale_up_cooldown``; below ``scale_down_threshold`` it
+    shrinks towards the same figure, unless the last change (`last_change`) is
+    within ``scale_down_cooldown``. A size outside the bounds is brought back in.
+    """
+    pressure = load / current if current else math.inf
+    target = max(c.min_workers, min(c.max_workers, math.ceil(load / c.scale_up_threshold)))
+    if current < c.min_workers or current > c.max_workers:
+        return min(max(current, c.min_workers), c.max_workers), "outside bounds"
+    if pressure > c.scale_up_threshold and current < c.max_workers:
+        if now - last_up < c.scale_up_cooldown:
+            return current, "scale-up cooldown"
+        desired = max(target, current + 1)
+        if c.scale_up_step is not None:
+            desired = min(desired, current + c.scale_up_step)
+        return min(desired, c.max_workers), f"load {pressure:.2f}/{unit} > {c.scale_up_threshold}"
+    if pressure < c.scale_down_threshold and current > c.min_workers:
+        if now - last_change < c.scale_down_cooldown:
+            return current, "scale-down cooldown"
+        desired = min(target, current - 1)
+        if c.scale_down_step is not None:
+            desired = max(desired, current - c.scale_down_step)
+        return max(desired, c.min_workers), f"load {pressure:.2f}/{unit} < {c.scale_down_threshold}"
+    return current, "within thresholds"

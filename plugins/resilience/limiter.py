@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 from overdrive.errors import ConfigError
 
-from ..scaling import ScalingConfig
+from ..scaling import ScalingConfig, desired_size
 
 __all__ = [
     "AIMDController",
@@ -319,7 +319,7 @@ class GradientController(_Controller):
 
 
 class ScalingController(_Controller):
-    """`ScalingConfig` semantics on the limit (the rule of `AutoScaler`, see there)."""
+    """`ScalingConfig` semantics on the limit (`overdrive.plugins.scaling.desired_size`)."""
 
     def __init__(self, config: ScalingConfig) -> None:
         super().__init__(config.min_workers, config.max_workers)
@@ -345,27 +345,9 @@ class ScalingController(_Controller):
         self._area = 0.0
         self._since = now
         limit = lim.limit
-        pressure = load / limit
-        target = max(c.min_workers, min(c.max_workers, math.ceil(load / c.scale_up_threshold)))
-        desired, reason = limit, "within thresholds"
-        if pressure > c.scale_up_threshold and limit < c.max_workers:
-            if now - self._last_up < c.scale_up_cooldown:
-                reason = "scale-up cooldown"
-            else:
-                desired = max(target, limit + 1)
-                if c.scale_up_step is not None:
-                    desired = min(desired, limit + c.scale_up_step)
-                desired = min(desired, c.max_workers)
-                reason = f"load {pressure:.2f}/slot > {c.scale_up_threshold}"
-        elif pressure < c.scale_down_threshold and limit > c.min_workers:
-            if now - self._last_change < c.scale_down_cooldown:
-                reason = "scale-down cooldown"
-            else:
-                desired = min(target, limit - 1)
-                if c.scale_down_step is not None:
-                    desired = max(desired, limit - c.scale_down_step)
-                desired = max(desired, c.min_workers)
-                reason = f"load {pressure:.2f}/slot < {c.scale_down_threshold}"
+        desired, reason = desired_size(
+            c, limit, load, now, self._last_up, self._last_change, unit="slot"
+        )
         self.last_reason = reason
         if desired != limit:
             if desired > limit:

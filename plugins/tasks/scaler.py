@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from ..scaling import ScalingConfig
+from ..scaling import ScalingConfig, desired_size
 from .processor import BackgroundTaskProcessor, logger
 
 __all__ = ["AutoScaler", "ScalingConfig", "ScalingDecision"]
@@ -145,38 +145,12 @@ class AutoScaler:
     def decide(
         self, workers: int, utilization: float, queue_depth: int, now: float
     ) -> ScalingDecision:
-        """The rule, without side effects.
-
-        load = utilization * workers + queue_depth (busy workers plus jobs waiting);
-        per-worker load above ``scale_up_threshold`` grows the pool to
-        ``ceil(load / scale_up_threshold)``, HPA's ``ceil(current * metric / target)``;
-        below ``scale_down_threshold`` it shrinks towards the same figure.
-        """
-        c = self.config
+        """The rule (`overdrive.plugins.scaling.desired_size`), without side effects,
+        with load = utilization * workers + queue_depth (busy workers plus jobs waiting)."""
         load = utilization * workers + queue_depth
-        pressure = load / workers if workers else math.inf
-        desired, reason = workers, "within thresholds"
-        target = max(c.min_workers, min(c.max_workers, math.ceil(load / c.scale_up_threshold)))
-        if workers < c.min_workers or workers > c.max_workers:
-            desired, reason = min(max(workers, c.min_workers), c.max_workers), "outside bounds"
-        elif pressure > c.scale_up_threshold and workers < c.max_workers:
-            if now - self._last_up < c.scale_up_cooldown:
-                reason = "scale-up cooldown"
-            else:
-                desired = max(target, workers + 1)
-                if c.scale_up_step is not None:
-                    desired = min(desired, workers + c.scale_up_step)
-                desired = min(desired, c.max_workers)
-                reason = f"load {pressure:.2f}/worker > {c.scale_up_threshold}"
-        elif pressure < c.scale_down_threshold and workers > c.min_workers:
-            if now - self._last_change < c.scale_down_cooldown:
-                reason = "scale-down cooldown"
-            else:
-                desired = min(target, workers - 1)
-                if c.scale_down_step is not None:
-                    desired = max(desired, workers - c.scale_down_step)
-                desired = max(desired, c.min_workers)
-                reason = f"load {pressure:.2f}/worker < {c.scale_down_threshold}"
+        desired, reason = desired_size(
+            self.config, workers, load, now, self._last_up, self._last_change
+        )
         return ScalingDecision(
             round(now, 3), workers, desired, round(utilization, 4), queue_depth, load, reason
         )
