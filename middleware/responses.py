@@ -1,7 +1,9 @@
-"""The few answers the middleware gives itself, as bare ASGI callables (no Starlette cost)."""
+"""`PlainResponse`: a bare ASGI response (no Starlette cost), for the few answers the
+middleware gives itself and the plugins' short-circuits (503 shed, 429 limited...)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -10,22 +12,40 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
+__all__ = ["GATEWAY_TIMEOUT", "INTERNAL_ERROR", "JSON", "TEXT", "PlainResponse"]
+
+TEXT = b"text/plain; charset=utf-8"
+JSON = b"application/json"
+
 
 class PlainResponse:
-    """A short text/plain response; used for 500 (fail-closed plugin) and 504 (timeout)."""
+    """One start message and one body, headers built once: reuse an instance freely.
+
+    ``PlainResponse(503, b'{"error": "busy"}', content_type=JSON, retry_after=5)``.
+    `retry_after` (seconds, rounded up to a whole number) adds ``Retry-After``;
+    `headers` come after content-type and content-length, Retry-After last.
+    """
 
     __slots__ = ("body", "headers", "status")
 
     def __init__(
-        self, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+        self,
+        status: int,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        *,
+        content_type: bytes = TEXT,
+        retry_after: float | None = None,
     ) -> None:
         self.status = status
         self.body = body
         self.headers = [
-            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-type", content_type),
             (b"content-length", str(len(body)).encode()),
             *(headers or ()),
         ]
+        if retry_after is not None:
+            self.headers.append((b"retry-after", str(math.ceil(retry_after)).encode()))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status, "headers": self.headers})

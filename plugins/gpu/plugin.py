@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from overdrive import ConfigError, Lease, Plugin, hookimpl
+from overdrive.middleware.responses import PlainResponse
 
 from .admission import Admission, AdmissionRejected, RedisLedger
 from .backends import MB, DeviceBackend, SimulatedBackend, open_backend
@@ -96,23 +97,17 @@ class GPUSettings:
             self.simulated_devices = 1
 
 
-class Unavailable:
-    """503 with a reason and Retry-After: an ASGI callable (no Starlette cost)."""
+class Unavailable(PlainResponse):
+    """503 with a reason and Retry-After (at least 1 s): a bare ASGI callable."""
 
-    __slots__ = ("body", "headers")
+    __slots__ = ()
 
     def __init__(self, reason: str, retry_after: float | None) -> None:
-        self.body = f"GPU unavailable: {reason}".encode()
-        self.headers = [
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(self.body)).encode()),
-        ]
-        if retry_after is not None:
-            self.headers.append((b"retry-after", str(max(1, round(retry_after))).encode()))
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 503, "headers": self.headers})
-        await send({"type": "http.response.body", "body": self.body})
+        super().__init__(
+            503,
+            f"GPU unavailable: {reason}".encode(),
+            retry_after=None if retry_after is None else max(1, round(retry_after)),
+        )
 
 
 class GPUPlugin(Plugin):

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import overdrive
 from overdrive import ConfigError, hookimpl
+from overdrive.middleware.responses import JSON, PlainResponse
 
 from .instrument import PoolError, PoolExhausted, PoolFigures, is_exhausted, logger, pool_of
 from .manager import DEFAULT_DATABASE_URL, ConnectionPoolManager
@@ -206,7 +207,7 @@ class PoolsPlugin(overdrive.Plugin):
         body = json.dumps(
             {"error": reason, "detail": f"{type(error).__name__}: {error}"[:300]}
         ).encode()
-        return _Unavailable(body, s.retry_after)
+        return PlainResponse(503, body, content_type=JSON, retry_after=s.retry_after)
 
     @hookimpl
     async def collect_stats(self, host: Any) -> dict[str, Any]:
@@ -216,21 +217,3 @@ class PoolsPlugin(overdrive.Plugin):
             "count": len(pools),
             "healthy": all(p["healthy"] for p in pools.values()),
         }
-
-
-class _Unavailable:
-    """A bare ASGI 503 with a JSON reason and Retry-After."""
-
-    __slots__ = ("body", "headers")
-
-    def __init__(self, body: bytes, retry_after: int) -> None:
-        self.body = body
-        self.headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"retry-after", str(retry_after).encode()),
-        ]
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 503, "headers": self.headers})
-        await send({"type": "http.response.body", "body": self.body})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from overdrive.middleware.responses import PlainResponse
@@ -21,10 +20,8 @@ def reject(
     headers: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
 ) -> PlainResponse:
     """A short text answer with ``Retry-After`` in whole seconds (at least 1)."""
-    extra = list(headers)
-    if retry_after is not None:
-        extra.append((b"retry-after", str(max(1, math.ceil(retry_after))).encode()))
-    return PlainResponse(status, text.encode(), extra)
+    seconds = None if retry_after is None else max(1, retry_after)
+    return PlainResponse(status, text.encode(), list(headers), retry_after=seconds)
 
 
 def route_name(policy: Any, plugin: str) -> str | None:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 
 import overdrive
 from overdrive import ConfigError, hookimpl
+from overdrive.middleware.responses import JSON, PlainResponse
 
 from .durable import DurableTaskQueue, TaskNotRegistered, make_broker
 from .processor import (
@@ -190,7 +191,7 @@ class TasksPlugin(overdrive.Plugin):
             return None
         s: TasksSettings = self.settings or TasksSettings()
         body = json.dumps({"error": "task queue full", "detail": str(error)}).encode()
-        return _Busy(body, s.retry_after)
+        return PlainResponse(503, body, content_type=JSON, retry_after=s.retry_after)
 
     @hookimpl
     async def collect_stats(self, host: Any) -> dict[str, Any]:
@@ -201,21 +202,3 @@ class TasksPlugin(overdrive.Plugin):
         if self.auto_scaler is not None:
             stats["auto_scaler"] = self.auto_scaler.get_stats()
         return stats
-
-
-class _Busy:
-    """A bare ASGI 503 with a JSON reason and Retry-After."""
-
-    __slots__ = ("body", "headers")
-
-    def __init__(self, body: bytes, retry_after: int) -> None:
-        self.body = body
-        self.headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"retry-after", str(retry_after).encode()),
-        ]
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 503, "headers": self.headers})
-        await send({"type": "http.response.body", "body": self.body})
