@@ -33,6 +33,7 @@ class Store:
     """The interface: `get` (counts as a use), `peek`, `set`, `pop`, `evict`, `len`, `key_list`."""
 
     name = ""
+    _d: dict[Hashable, Any]  # every live key, in each store's own order and item shape
 
     def get(self, key: Hashable, default: Any = None) -> Any:
         raise NotImplementedError
@@ -51,13 +52,13 @@ class Store:
         raise NotImplementedError
 
     def __len__(self) -> int:
-        raise NotImplementedError
+        return len(self._d)
 
     def __contains__(self, key: Hashable) -> bool:
         return self.peek(key, _MISSING) is not _MISSING
 
     def key_list(self) -> Iterator[Hashable]:
-        raise NotImplementedError
+        return iter(list(self._d))
 
     def clear(self) -> None:
         raise NotImplementedError
@@ -88,12 +89,6 @@ class LRUStore(Store):
 
     def evict(self) -> tuple[Hashable, Any] | None:
         return self._d.popitem(last=False) if self._d else None
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-    def key_list(self) -> Iterator[Hashable]:
-        return iter(list(self._d))
 
     def clear(self) -> None:
         self._d.clear()
@@ -135,12 +130,6 @@ class TTLStore(Store):
                 del self._d[key]
                 return key, item[0]
         return None
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-    def key_list(self) -> Iterator[Hashable]:
-        return iter(list(self._d))
 
     def clear(self) -> None:
         self._d.clear()
@@ -226,12 +215,6 @@ class SieveStore(Store):
         self._hand = new_hand if self._hand < len(self._queue) + self._holes else 0
         self._holes = 0
 
-    def __len__(self) -> int:
-        return len(self._d)
-
-    def key_list(self) -> Iterator[Hashable]:
-        return iter(list(self._d))
-
     def clear(self) -> None:
         self._d.clear()
         self._queue.clear()
@@ -245,7 +228,7 @@ class S3FIFOStore(Store):
     name = "s3fifo"
 
     def __init__(self, small_ratio: float = 0.1) -> None:
-        self._values: dict[Hashable, Any] = {}
+        self._d: dict[Hashable, Any] = {}
         self._freq: dict[Hashable, int] = {}
         self._small: OrderedDict[Hashable, None] = OrderedDict()
         self._main: OrderedDict[Hashable, None] = OrderedDict()
@@ -253,7 +236,7 @@ class S3FIFOStore(Store):
         self._ratio = small_ratio
 
     def get(self, key: Hashable, default: Any = None) -> Any:
-        value = self._values.get(key, _MISSING)
+        value = self._d.get(key, _MISSING)
         if value is _MISSING:
             return default
         freq = self._freq[key]
@@ -262,13 +245,13 @@ class S3FIFOStore(Store):
         return value
 
     def peek(self, key: Hashable, default: Any = None) -> Any:
-        return self._values.get(key, default)
+        return self._d.get(key, default)
 
     def set(self, key: Hashable, value: Any, expires_at: float = 0.0) -> None:
-        if key in self._values:
-            self._values[key] = value
+        if key in self._d:
+            self._d[key] = value
             return
-        self._values[key] = value
+        self._d[key] = value
         self._freq[key] = 0
         if key in self._ghost:
             del self._ghost[key]
@@ -277,7 +260,7 @@ class S3FIFOStore(Store):
             self._small[key] = None
 
     def pop(self, key: Hashable, default: Any = None) -> Any:
-        value = self._values.pop(key, _MISSING)
+        value = self._d.pop(key, _MISSING)
         if value is _MISSING:
             return default
         del self._freq[key]
@@ -289,7 +272,7 @@ class S3FIFOStore(Store):
         small, main = self._small, self._main
         freq = self._freq
         while small or main:
-            if small and (len(small) >= self._ratio * len(self._values) or not main):
+            if small and (len(small) >= self._ratio * len(self._d) or not main):
                 key, _ = small.popitem(last=False)
                 if freq[key] > 0:
                     freq[key] = 0
@@ -297,7 +280,7 @@ class S3FIFOStore(Store):
                     continue
                 ghost = self._ghost
                 ghost[key] = None
-                while len(ghost) > max(len(self._values), 1):
+                while len(ghost) > max(len(self._d), 1):
                     ghost.popitem(last=False)
             else:
                 key, _ = main.popitem(last=False)
@@ -307,17 +290,11 @@ class S3FIFOStore(Store):
                     main[key] = None
                     continue
             del freq[key]
-            return key, self._values.pop(key)
+            return key, self._d.pop(key)
         return None
 
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def key_list(self) -> Iterator[Hashable]:
-        return iter(list(self._values))
-
     def clear(self) -> None:
-        for part in (self._values, self._freq, self._small, self._main, self._ghost):
+        for part in (self._d, self._freq, self._small, self._main, self._ghost):
             part.clear()
 
 
