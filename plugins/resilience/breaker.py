@@ -193,9 +193,12 @@ class CircuitBreaker:
             raise CircuitOpenError(self.name, OPEN, self.retry_after())
         if self._shared is not None and self._shared.healthy:
             return await self._shared_trial()
-        if state == OPEN:
+        return self._local_trial()
+
+    def _local_trial(self) -> bool:
+        """Half-open here: a strict bound on trial calls in flight (no await in it)."""
+        if self._state == OPEN:
             self._transition(HALF_OPEN)
-        # half-open: a strict bound on trial calls in flight (no await before the increment)
         if self._trials + self._trial_ok >= self.config.half_open_max_calls:
             self.rejected_calls += 1
             raise CircuitOpenError(self.name, HALF_OPEN, 1.0)
@@ -208,13 +211,7 @@ class CircuitBreaker:
             self.config.half_open_max_calls, self.config.half_open_stale_after
         )
         if verdict is None:  # Redis failed just now: decide locally
-            if self._state == OPEN:
-                self._transition(HALF_OPEN)
-            if self._trials + self._trial_ok >= self.config.half_open_max_calls:
-                self.rejected_calls += 1
-                raise CircuitOpenError(self.name, HALF_OPEN, 1.0)
-            self._trials += 1
-            return True
+            return self._local_trial()
         if verdict == "granted":
             if self._state != HALF_OPEN:
                 self._transition(HALF_OPEN)

@@ -21,7 +21,7 @@ from overdrive.errors import ConfigError
 from overdrive.settings import merge_settings
 
 from .breaker import CLOSED, CircuitBreaker, CircuitBreakerConfig, CircuitOpenError
-from .common import REJECTED, reject, route_name
+from .common import REJECTED, check_operations, reject, route_name
 
 __all__ = ["BreakerPlugin", "BreakerSettings"]
 
@@ -68,17 +68,7 @@ class BreakerSettings:
 
     def __post_init__(self) -> None:
         self.config()  # every threshold checked now, with the key in the message
-        for op, table in self.operations.items():
-            where = f"breaker.operations.{op}"
-            if not isinstance(table, dict):
-                raise ConfigError(f"{where}: expected a table, got {table!r}")
-            if "operations" in table:
-                raise ConfigError(f"{where}.operations: not allowed inside an operation")
-            try:
-                merge_settings(dataclasses.replace(self, operations={}), table, where)
-            except ConfigError as exc:
-                message = str(exc) if str(exc).startswith(where) else f"{where}: {exc}"
-                raise ConfigError(message) from None
+        check_operations(self, "breaker")
 
     def config(self) -> CircuitBreakerConfig:
         kwargs = {name: getattr(self, name) for name in _CONFIG_FIELDS}

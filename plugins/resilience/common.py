@@ -1,12 +1,16 @@
-"""Small pieces the resilience plugins share: the reject response and route naming."""
+"""Small pieces the resilience plugins share: the reject response, route naming and the
+checks of per-operation setting tables."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+from overdrive.errors import ConfigError
 from overdrive.middleware.responses import PlainResponse
+from overdrive.settings import merge_settings
 
-__all__ = ["REJECTED", "reject", "route_name"]
+__all__ = ["REJECTED", "check_operations", "reject", "route_name"]
 
 # ctx.state key set by a plugin that answered instead of the app (shed, limited, open):
 # the breaker does not count such answers as the app's outcome.
@@ -30,3 +34,20 @@ def route_name(policy: Any, plugin: str) -> str | None:
         rule.name or rule.path for rule in getattr(policy, "rules", ()) if plugin in rule.overrides
     ]
     return "|".join(paths) if paths else None
+
+
+def check_operations(settings: Any, plugin: str) -> None:
+    """Validate ``settings.operations`` (name -> table of overrides) now, at config time:
+    each table must merge onto `settings` (no nested ``operations``), errors naming
+    ``<plugin>.operations.<name>.<key>``."""
+    for op, table in settings.operations.items():
+        where = f"{plugin}.operations.{op}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: expected a table, got {table!r}")
+        if "operations" in table:
+            raise ConfigError(f"{where}.operations: not allowed inside an operation")
+        try:
+            merge_settings(dataclasses.replace(settings, operations={}), table, where)
+        except ConfigError as exc:
+            message = str(exc) if str(exc).startswith(where) else f"{where}: {exc}"
+            raise ConfigError(message) from None

@@ -9,14 +9,13 @@ share of recent calls, as Envoy's ``retry_budget`` does.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from overdrive import Plugin, hookimpl
-from overdrive.errors import ConfigError
 from overdrive.settings import merge_settings
 
+from .common import check_operations
 from .retry import RetryBudget, RetryPolicy, resolve_exceptions
 
 __all__ = ["RetryPlugin", "RetrySettings"]
@@ -40,17 +39,7 @@ class RetrySettings:
     def __post_init__(self) -> None:
         self.policy(None)  # validates every field, naming the key
         RetryBudget(self.budget_ratio, self.budget_min_per_second, self.budget_window)
-        for op, table in self.operations.items():
-            where = f"retry.operations.{op}"
-            if not isinstance(table, dict):
-                raise ConfigError(f"{where}: expected a table, got {table!r}")
-            if "operations" in table:
-                raise ConfigError(f"{where}.operations: not allowed inside an operation")
-            try:
-                merge_settings(dataclasses.replace(self, operations={}), table, where)
-            except ConfigError as exc:
-                message = str(exc) if str(exc).startswith(where) else f"{where}: {exc}"
-                raise ConfigError(message) from None
+        check_operations(self, "retry")
 
     def policy(self, budget: RetryBudget | None, where: str = "retry") -> RetryPolicy:
         return RetryPolicy(
