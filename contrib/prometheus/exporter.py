@@ -13,6 +13,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from overdrive.middleware.responses import PlainResponse
+
 from .mapping import DEFAULT_BUCKETS, Hist, Sample, flatten_stats
 
 __all__ = ["PrometheusExporter", "make_asgi_app"]
@@ -322,17 +324,8 @@ class PrometheusExporter:
             if name == b"accept":
                 accept = value.decode("latin-1")
         body, content_type = await self.render(accept)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", content_type.encode("latin-1")),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        response = PlainResponse(200, body, content_type=content_type.encode("latin-1"))
+        await response(scope, receive, send)
 
     def mark_process_dead(self) -> None:
         if self.multiprocess:

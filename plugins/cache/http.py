@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+from overdrive.middleware.responses import PlainResponse
+
 from .codec import HTTP, CorruptEntry
 
 __all__ = [
@@ -269,19 +271,16 @@ class HTTPSerializer:
 # -- answering from a stored response ----------------------------------------------------
 
 
-class Answer:
-    """A prepared response: one start message and one body message (HEAD: no body)."""
+class Answer(PlainResponse):
+    """A `PlainResponse` with headers prepared from the stored response, sent as they are
+    (content-length included; HEAD and 304: no body)."""
 
-    __slots__ = ("body", "headers", "status")
+    __slots__ = ()
 
     def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         self.status = status
         self.headers = headers
         self.body = body
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
-        await send({"type": "http.response.body", "body": self.body})
 
 
 def _etag_matches(header: str, etag: bytes | None) -> bool:
