@@ -12,16 +12,13 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-__all__ = ["GATEWAY_TIMEOUT", "INTERNAL_ERROR", "JSON", "TEXT", "PlainResponse"]
-
-TEXT = b"text/plain; charset=utf-8"
-JSON = b"application/json"
+__all__ = ["GATEWAY_TIMEOUT", "INTERNAL_ERROR", "PlainResponse"]
 
 
 class PlainResponse:
     """One start message and one body, headers built once: reuse an instance freely.
 
-    ``PlainResponse(503, b'{"error": "busy"}', content_type=JSON, retry_after=5)``.
+    ``PlainResponse(503, b'{"error": "busy"}', content_type=b"application/json", retry_after=5)``.
     `retry_after` (seconds, rounded up to a whole number) adds ``Retry-After``;
     `headers` come after content-type and content-length, Retry-After last.
     """
@@ -34,7 +31,7 @@ class PlainResponse:
         body: bytes,
         headers: list[tuple[bytes, bytes]] | None = None,
         *,
-        content_type: bytes = TEXT,
+        content_type: bytes = b"text/plain; charset=utf-8",
         retry_after: float | None = None,
     ) -> None:
         self.status = status

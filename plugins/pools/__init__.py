@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import overdrive
 from overdrive import ConfigError, hookimpl
-from overdrive.middleware.responses import JSON, PlainResponse
+from overdrive.middleware.responses import PlainResponse
 
 from .instrument import PoolError, PoolExhausted, PoolFigures, is_exhausted, logger, pool_of
 from .manager import DEFAULT_DATABASE_URL, ConnectionPoolManager
@@ -207,7 +207,7 @@ class PoolsPlugin(overdrive.Plugin):
         body = json.dumps(
             {"error": reason, "detail": f"{type(error).__name__}: {error}"[:300]}
         ).encode()
-        return PlainResponse(503, body, content_type=JSON, retry_after=s.retry_after)
+        return PlainResponse(503, body, content_type=b"application/json", retry_after=s.retry_after)
 
     @hookimpl
     async def collect_stats(self, host: Any) -> dict[str, Any]:

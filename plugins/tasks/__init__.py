@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 
 import overdrive
 from overdrive import ConfigError, hookimpl
-from overdrive.middleware.responses import JSON, PlainResponse
+from overdrive.middleware.responses import PlainResponse
 
 from .durable import DurableTaskQueue, TaskNotRegistered, make_broker
 from .processor import (
@@ -191,7 +191,7 @@ class TasksPlugin(overdrive.Plugin):
             return None
         s: TasksSettings = self.settings or TasksSettings()
         body = json.dumps({"error": "task queue full", "detail": str(error)}).encode()
-        return PlainResponse(503, body, content_type=JSON, retry_after=s.retry_after)
+        return PlainResponse(503, body, content_type=b"application/json", retry_after=s.retry_after)
 
     @hookimpl
     async def collect_stats(self, host: Any) -> dict[str, Any]:
