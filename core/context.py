@@ -113,6 +113,10 @@ class RequestContext:
     queue_wait: float = 0.0
     t_admitted: float = 0.0
     t_app: float = 0.0
+    #: A request the framework made itself (a prefetch), marked by the ASGI scope
+    #: extension ``"overdrive.internal"``: not client traffic, so rate limits,
+    #: metrics and logs leave it out.
+    internal: bool = False
 
     def __init__(
         self,

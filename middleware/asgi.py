@@ -124,6 +124,9 @@ class OverdriveMiddleware:
         )
         ctx = RequestContext(scope, request_id, policy, host)
         scope["overdrive.ctx"] = ctx
+        extensions = scope.get("extensions")
+        if extensions and "overdrive.internal" in extensions:
+            ctx.internal = True
         rid_header = (rid_name, rid_value)
         on_failure = chains.get("on_failure")
         on_start = chains.get("on_response_start")

@@ -115,6 +115,8 @@ class AccessLogPlugin(Plugin):
             fields["path"] = ctx.path
         if ctx.cache_status is not None:
             fields["cache"] = ctx.cache_status
+        if ctx.internal:
+            fields["internal"] = True  # a prefetch the framework made, not a client
         if ctx.queue_wait:
             fields["queue_wait_ms"] = round(ctx.queue_wait * 1000, 3)
         lease = ctx.lease

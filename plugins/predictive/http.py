@@ -34,6 +34,7 @@ __all__ = ["PREFETCH_EXTENSION", "PredictivePlugin", "PredictiveSettings", "is_p
 logger = structlog.get_logger("overdrive.predictive")
 
 PREFETCH_EXTENSION = "overdrive.prefetch"
+INTERNAL_EXTENSION = "overdrive.internal"  # ctx.internal: rate limits and metrics skip it
 _PRIVATE = (b"private", b"no-store")
 REFUSE_SECONDS = 300.0  # a URL the cache did not keep is not prefetched for this long
 _PERSONAL = frozenset({b"authorization", b"cookie"})
@@ -238,7 +239,7 @@ class PredictivePlugin(Plugin):
                 "raw_path": path.encode("utf-8"),
                 "query_string": qs.encode("latin-1"),
                 "headers": [(k, v) for k, v in template.get("headers", ()) if k in _COPY_HEADERS],
-                "extensions": {PREFETCH_EXTENSION: {"key": key}},
+                "extensions": {PREFETCH_EXTENSION: {"key": key}, INTERNAL_EXTENSION: {}},
             }
             finished = asyncio.Event()
             sent_request = False

@@ -113,6 +113,8 @@ class ProfilerPlugin(Plugin):
         # A set, not a counter: a plugin ordered before us may short-circuit before our
         # before_request ran, and its request must not be taken off the count.
         m.live.discard(id(ctx))
+        if ctx.internal:
+            return  # a prefetch the framework made: not client traffic
         status = ctx.status
         error = ctx.error
         if error is None and (status is None or status >= 500):

@@ -246,6 +246,8 @@ class RateLimitPlugin(Plugin):
 
     @hookimpl
     async def before_request(self, ctx: Any) -> Any:
+        if ctx.internal:
+            return None  # a prefetch the framework made: not a client's request
         s: RateLimitSettings = ctx.settings(self.name)
         try:
             entry = self._by_policy[ctx.policy]

@@ -102,3 +102,38 @@ async def test_predictive_cache_on_an_async_cache(redis_url: str, namespace: str
     finally:
         await backend.clear()
         await backend.close()
+
+
+async def test_prefetches_are_marked_internal_and_left_out_of_rate_limits() -> None:
+    """A sub-request carrying the "overdrive.internal" extension is ctx.internal, and
+    the rate limiter never counts it against a client."""
+
+    from starlette.responses import PlainTextResponse
+
+    from overdrive.contrib.testing import make_host
+    from overdrive.middleware import OverdriveMiddleware
+
+    seen: list[bool] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope["overdrive.ctx"].internal)
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    host = make_host(config={"plugins": ["ratelimit"], "ratelimit": {"limit": "1/minute"}})
+    mw = OverdriveMiddleware(app, host=host)
+    statuses: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    base = {"type": "http", "method": "GET", "path": "/", "headers": [], "client": ("10.0.0.1", 1)}
+    for _ in range(3):
+        await mw({**base, "extensions": {"overdrive.internal": {}}}, receive, send)
+    await mw(dict(base), receive, send)
+    await mw(dict(base), receive, send)
+    assert seen == [True, True, True, False]
+    assert statuses == [200, 200, 200, 200, 429]
