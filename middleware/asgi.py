@@ -215,6 +215,9 @@ class OverdriveMiddleware:
                         await pending
             except PluginFailure:
                 pass  # logged and counted in host.fault; the response is already decided
+            # ctx.scope -> scope -> ctx is a cycle: break it so that both are freed now
+            # by reference counting, not later by the garbage collector.
+            scope.pop("overdrive.ctx", None)
 
     def _start(
         self,
