@@ -278,8 +278,8 @@ class Progress:
         if self.stream is None:
             return
         fraction = 1.0 if final else min(1.0, elapsed / self.seconds)
-        if not self.tty and not final and fraction < self._next_step:
-            return
+        if not self.tty and not final and (fraction < self._next_step or fraction >= 1.0):
+            return  # a log gets 25%, 50%, 75% and the final line
         filled = round(fraction * self.width)
         bar = "#" * filled + "." * (self.width - filled)
         rate = done / elapsed if elapsed > 0 else 0.0

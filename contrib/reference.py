@@ -56,12 +56,12 @@ def type_name(tp: Any) -> str:
     if origin is Literal:
         return " | ".join(_toml(v) for v in get_args(tp))
     if origin in (list, tuple, set, frozenset, typing.Sequence):
-        args = [a for a in get_args(tp) if a is not Ellipsis]
-        return f"list of {type_name(args[0])}" if args else "list"
+        items = [a for a in get_args(tp) if a is not Ellipsis]
+        return f"list of {type_name(items[0])}" if items else "list"
     if origin is dict or tp is dict:
         args = get_args(tp)
         return f"table of {type_name(args[1])}" if len(args) == 2 else "table"
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return f"table ({tp.__name__})"
     return getattr(tp, "__name__", str(tp))
 
@@ -140,6 +140,14 @@ def _nested(tp: Any) -> list[type]:
     return found
 
 
+def _summary(cls: type) -> str:
+    """The first paragraph of `cls`'s own docstring (not an inherited one)."""
+    doc = cls.__dict__.get("__doc__")
+    if not doc or (dataclasses.is_dataclass(cls) and doc.startswith(cls.__name__ + "(")):
+        return ""  # none, or the signature dataclasses writes when there is none
+    return " ".join(inspect.cleandoc(doc).split("\n\n")[0].split())
+
+
 def settings_table(cls: type, where: str) -> list[str]:
     """Markdown for one settings class, then for each dataclass nested in it."""
     hints = get_type_hints(cls)
@@ -158,8 +166,8 @@ def settings_table(cls: type, where: str) -> list[str]:
             origin = get_origin(tp)
             nested.append((f"{where}.{f.name}" + (".NAME" if origin is dict else ""), sub))
     for sub_where, sub in nested:
-        doc = inspect.getdoc(sub) or ""
-        out += ["", f"`[{sub_where}]` ({sub.__name__}){': ' + doc.splitlines()[0] if doc else ''}"]
+        doc = _summary(sub)
+        out += ["", f"`[{sub_where}]` ({sub.__name__}){': ' + doc if doc else ''}"]
         out += ["", *settings_table(sub, sub_where)]
     return out
 
@@ -186,14 +194,14 @@ def render_reference() -> str:
     out += settings_table(PluginFlags, "PLUGIN")
     for name, plugin in builtin_plugins().items():
         cls = plugin if isinstance(plugin, type) else type(plugin)
-        summary = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
+        summary = _summary(cls)
         out += ["", f"## `[{name}]`", ""]
         if summary:
             out += [summary, ""]
         where = f"{cls.__module__}:{cls.__name__}"
         out += [f"Plugin `{where}`; see [{name}](../plugins/{name}.md).", ""]
         settings_cls = getattr(cls, "Settings", None)
-        if settings_cls is None or not dataclasses.is_dataclass(settings_cls):
+        if not (isinstance(settings_cls, type) and dataclasses.is_dataclass(settings_cls)):
             out.append("No settings.")
         else:
             out += settings_table(settings_cls, name)
