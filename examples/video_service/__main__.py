@@ -113,7 +113,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     stub_port = args.port + 1
     env = service_env(f"http://127.0.0.1:{stub_port}", database, token)
-    env["OVERDRIVE_ACCESS_LOG__ENABLED"] = os.environ.get("OVERDRIVE_ACCESS_LOG__ENABLED", "true")
     with running("examples.video_service.external:app", stub_port, {}, "/control"):
         process = start(
             "examples.video_service.app:create_app", args.port, env, workers=args.workers
@@ -129,7 +128,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 f"  stats JSON   {base}/api/system/stats\n"
                 f"  recommender  http://127.0.0.1:{stub_port}/control  "
                 '(POST {"fail": true} to watch the breaker open)\n'
-                f"Now run `./run load` in another terminal. Ctrl+C stops everything.\n",
+                "Now run `./run load` in another terminal. Ctrl+C stops everything.\n"
+                "(One log line per request: OVERDRIVE_ACCESS_LOG__ENABLED=true ./run demo)\n",
                 flush=True,
             )
             process.wait()
