@@ -21,8 +21,8 @@ import pytest
 # TEMPORARY (until the plugin branches are merged into main): skip without them.
 pytest.importorskip("overdrive.plugins.resilience")
 
-from examples.video_service import external  # noqa: E402
-from tests.support.server import serving  # noqa: E402
+from examples.video_service import external
+from tests.support.server import serving
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -161,7 +161,7 @@ def test_two_workers_share_the_cache_and_the_breakers(workers: str) -> None:
             time.sleep(0.1)
         assert answer["source"] == "fallback (breaker open)"
         assert answer["worker"] == worker_of(b)
-        assert external.CALLS == calls  # B did not call the recommender
+        assert calls == external.CALLS  # B did not call the recommender
 
         # Prometheus' multiprocess mode: one scrape (from B) counts A's requests too.
         sent = SENT[id(a)] + SENT[id(b)]
