@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 
 # TEMPORARY (until the plugin branches are merged into main): skip without them.
-pytest.importorskip("overdrive.plugins.resilience")
+pytest.importorskip("overdrive.plugins.cache")
+pytest.importorskip("overdrive.plugins.models")
+pytest.importorskip("overdrive.plugins.profiler")
 dashboard = pytest.importorskip("tests.contrib.test_dashboard")
 
 from examples.video_service import external  # noqa: E402
