@@ -64,7 +64,7 @@ def test_the_dashboard_charts_the_load(tmp_path: Path, recommender: str) -> None
             try:
                 page.wait_for_function("Number(document.body.dataset.updates) >= 8")
                 page.wait_for_timeout(1000)  # a few more polls, still under load
-                for chart in ("latency", "throughput", "cache"):
+                for chart in ("latency", "throughput", "cache", "breakers", "gpu", "workers"):
                     assert page.evaluate(dashboard.INKED, chart) > 800, chart
                 assert "p95" in page.inner_text("#chart-latency .legend")
                 ARTIFACTS.mkdir(exist_ok=True)
