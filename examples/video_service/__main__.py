@@ -143,10 +143,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     from overdrive.contrib.load import VIDEO_SERVICE, format_summary, run_load
 
-    tmp = Path(tempfile.mkdtemp(prefix="overdrive-load-"))
     token = os.environ.get("OVERDRIVE_STATS__TOKEN") or secrets.token_urlsafe(12)
     demo = f"http://127.0.0.1:{args.port}"
     with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="overdrive-load-")))
         if answers(demo + "/health"):
             print(f"Using the demo already running at {demo} as the 'plugins on' side.")
             on = demo
