@@ -16,16 +16,11 @@ from typing import Any
 
 import pytest
 
-# TEMPORARY (until the plugin branches are merged into main): skip without them.
-pytest.importorskip("overdrive.plugins.cache")
-pytest.importorskip("overdrive.plugins.models")
-pytest.importorskip("overdrive.plugins.profiler")
-dashboard = pytest.importorskip("tests.contrib.test_dashboard")
-
-from examples.video_service import external  # noqa: E402
-from examples.video_service.app import create_app  # noqa: E402
-from overdrive.contrib.load import VIDEO_SERVICE, LoadResult, run_load  # noqa: E402
-from tests.support.server import serving  # noqa: E402
+from examples.video_service import external
+from examples.video_service.app import create_app
+from overdrive.contrib.load import VIDEO_SERVICE, LoadResult, run_load
+from tests.contrib import test_dashboard as dashboard  # the browser harness
+from tests.support.server import serving
 
 TOKEN = "dashboard-under-load-token"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"

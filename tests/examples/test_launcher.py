@@ -12,12 +12,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
-
-# TEMPORARY (until the plugin branches are merged into main): skip without them.
-pytest.importorskip("overdrive.plugins.cache")
-pytest.importorskip("overdrive.plugins.models")
-pytest.importorskip("overdrive.plugins.profiler")
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -18,11 +18,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-# TEMPORARY (until the plugin branches are merged into main): skip without them.
-pytest.importorskip("overdrive.plugins.cache")
-pytest.importorskip("overdrive.plugins.models")
-pytest.importorskip("overdrive.plugins.profiler")
-
 from examples.video_service import external
 from tests.support.server import serving
 
