@@ -4,6 +4,8 @@ overdrive plugins              discovered plugins: name, distribution, enabled, 
 overdrive config               the effective merged configuration, or its errors (exit 1)
 overdrive explain PATH [-m M]  the ordered chain a request would run, with settings
 overdrive demo [--port N]      serve the demo app (needs the `demo` extra)
+overdrive load URL [--compare URL2]  drive a mixed workload, print a summary (`demo` extra)
+overdrive reference            the configuration reference (Markdown) from the settings classes
 """
 
 from __future__ import annotations
@@ -108,7 +110,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_load(args: argparse.Namespace) -> int:
+    from overdrive.contrib import load
+
+    return load.main(args)
+
+
+def cmd_reference(args: argparse.Namespace) -> int:
+    from overdrive.contrib.reference import render_reference
+
+    sys.stdout.write(render_reference())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from overdrive.contrib.load import add_arguments as load_arguments
+
     parser = argparse.ArgumentParser(prog="overdrive", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="config file (default: overdrive.toml or pyproject.toml)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("load", help="drive a mixed workload at a service and summarize it")
+    load_arguments(p)
+    p.set_defaults(func=cmd_load)
+    p = sub.add_parser("reference", help="print the configuration reference (Markdown)")
+    p.set_defaults(func=cmd_reference)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result

@@ -37,6 +37,7 @@ class HostSettings:
     request_id_header: str = "x-request-id"
     #: Errors from one plugin within `quarantine_window` seconds that quarantine it.
     quarantine_after: int = 20
+    #: Seconds over which `quarantine_after` counts a plugin's errors.
     quarantine_window: float = 10.0
     #: How long a quarantined plugin is skipped before it is tried again.
     quarantine_seconds: float = 30.0

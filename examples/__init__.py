@@ -1,0 +1,1 @@
+"""Example applications built on Overdrive (importable, so the tests can serve them)."""
