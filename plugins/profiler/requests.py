@@ -42,10 +42,18 @@ _METHODS = frozenset(
 
 
 def route_template(scope: MutableMapping[str, Any]) -> str:
-    """The app's route template for this request (``/videos/{id}``), or `UNMATCHED`."""
+    """The app's route template for this request (``/videos/{id}``), or `UNMATCHED`.
+
+    A request answered before the app routed it (a cache hit, a 429) has no
+    ``scope["route"]``: it is filed under the last route rule that matched it
+    (an endpoint's own template when the endpoint declared a policy), which is
+    as bounded as the templates are.
+    """
     route = scope.get("route")
     if route is None:
-        return UNMATCHED
+        ctx = scope.get("overdrive.ctx")
+        rules = ctx.policy.rules if ctx is not None else ()
+        return rules[-1].path if rules else UNMATCHED
     path = getattr(route, "path", None)
     if not isinstance(path, str):
         return UNMATCHED

@@ -435,3 +435,27 @@ async def test_a_client_that_leaves_is_a_499_not_a_server_error() -> None:
     series = host.request_metrics.series[("/wait", "GET", "4xx")]
     assert series.count == 1 and series.errors == 0
     assert host.request_metrics.in_flight == 0
+
+
+def test_a_request_answered_before_routing_is_filed_under_its_route_rule() -> None:
+    from dataclasses import dataclass
+    from typing import Any
+
+    from overdrive.context import RequestContext
+    from overdrive.plugins.profiler.requests import UNMATCHED, route_template
+    from overdrive.routes import RouteTable, parse_rules
+
+    @dataclass
+    class S:
+        ttl: int | None = None
+
+    table = RouteTable(
+        parse_rules([{"path": "/thumbnails/{video_id}", "cache": {"ttl": 5}}], {"cache"}),
+        {"cache": S()},
+    )
+    hit: dict[str, Any] = {"type": "http", "path": "/thumbnails/7"}
+    hit["overdrive.ctx"] = RequestContext(hit, "r", table.lookup("GET", "/thumbnails/7"))
+    assert route_template(hit) == "/thumbnails/{video_id}"
+    other: dict[str, Any] = {"type": "http", "path": "/x"}
+    other["overdrive.ctx"] = RequestContext(other, "r", table.lookup("GET", "/x"))
+    assert route_template(other) == UNMATCHED
