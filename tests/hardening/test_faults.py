@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -382,14 +383,17 @@ async def test_no_leaks_when_clients_leave_and_the_app_misbehaves(seed: int) -> 
     await host.initialize()
     try:
         answers: list[tuple[str, int | None, bytes]] = []
+        tally: Counter[str] = Counter()
 
         async def one(n: int) -> None:
             path = rng.choice(["/ok/a", "/ok/b", "/boom", "/hang", "/stream", "/half", "/ok/c"])
             leave = rng.choice([None, None, None, 0, 1, 2])
+            tally[f"app {path.split('/')[1]}"] += 1
+            tally["client left"] += leave is not None
             task = asyncio.ensure_future(request(app, path, leave_after=leave))
             if rng.random() < 0.15:  # the server cancels the request (shutdown, abort)
                 await asyncio.sleep(rng.random() * 0.05)
-                task.cancel()
+                tally["cancelled by the server"] += task.cancel()
             try:
                 status, _, body = await task
             except (asyncio.CancelledError, RuntimeError):
@@ -406,9 +410,53 @@ async def test_no_leaks_when_clients_leave_and_the_app_misbehaves(seed: int) -> 
         held = await leaks(host)
         assert all(v == 0 for v in held.values()), held
         assert chaos.raised > 0  # the chaos plugin did raise, and nobody else noticed
+        tally["plugin raised"] = chaos.raised
+        print(f"faults injected (seed {seed}): {dict(sorted(tally.items()))}; held: {held}")
 
         # Recovery: the same host still answers normally.
         chaos.rate = 0.0
         assert (await request(app, "/ok/z"))[::2] == (200, b"ok:ok")
+    finally:
+        await host.cleanup()
+
+
+# -- the rate limiter over a Redis that dies -------------------------------------------------
+
+
+async def test_ratelimit_survives_redis_killed_and_restarted(
+    private_redis: RedisServer, namespace: str
+) -> None:
+    resilience = pytest.importorskip("overdrive.plugins.resilience")
+    config = {
+        "ratelimit": {
+            "limit": "5/minute",
+            "storage_url": private_redis.url,
+            "key_prefix": namespace,
+            "redis_retry_interval": 0.2,
+        }
+    }
+    host = make_host(resilience.RateLimitPlugin(), config=config)
+    app = OverdriveMiddleware(item_app(), host=host)
+    await host.initialize()
+    try:
+        statuses = [(await request(app, "/items/1"))[0] for _ in range(7)]
+        assert statuses == [200] * 5 + [429] * 2  # counted in Redis
+        assert await redis_keys(private_redis.url, namespace) > 0
+
+        private_redis.kill()
+        # Redis gone: the limiter counts locally; every answer is a 200 or a 429, never 5xx.
+        during = [(await request(app, "/items/1"))[0] for _ in range(10)]
+        assert set(during) <= {200, 429} and 429 in during
+
+        private_redis.start()  # empty: the counts in Redis start again
+
+        async def counting_in_redis_again() -> bool:
+            status, _, _ = await request(app, "/items/1")
+            assert status in (200, 429)
+            return await redis_keys(private_redis.url, namespace) > 0
+
+        await until(counting_in_redis_again, "the limiter counting in the restarted Redis")
+        later = [(await request(app, "/items/1"))[0] for _ in range(7)]
+        assert 429 in later and set(later) <= {200, 429}
     finally:
         await host.cleanup()

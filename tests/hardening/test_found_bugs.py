@@ -223,3 +223,21 @@ async def test_app_error_after_start_propagates_when_on_failure_fails_closed() -
     _, error = await drive(app)
     assert isinstance(error, Boom) and str(error) == "app"
     assert books.after == 1
+
+
+async def test_a_framework_500_reaches_on_failure_once() -> None:
+    # Was: Starlette's ServerErrorMiddleware answers 500 then re-raises; on_failure ran
+    # for the 500 start and again for the exception, so each failure was recorded twice.
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    async def boom(request: Any) -> Response:
+        raise Boom("app")
+
+    books = Books()
+    app = OverdriveMiddleware(Starlette(routes=[Route("/", boom)]), host=make_host(books))
+    sent, error = await drive(app)
+    assert isinstance(error, Boom)
+    assert sent[0]["status"] == 500
+    assert len(books.failures) == 1
+    assert books.after == 1
