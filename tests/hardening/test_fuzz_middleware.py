@@ -100,6 +100,8 @@ class ClientPlan:
     cancel: bool  # the server cancels the request task when the app hangs
 
 
+PATHS = ["/", "/gpu/x", "/a/b/c", "//", "/%2e%2e/", "/" + "a" * 3000]
+PATHS += ["/overdrive", "/overdrive/stats", "/overdrive/x", "/metrics"]  # plugins' own
 header_names = st.one_of(
     st.sampled_from(
         [
@@ -135,7 +137,7 @@ def scopes(draw: st.DrawFn) -> dict[str, Any]:
             st.text(max_size=10),
         ),
         "path": st.one_of(
-            st.sampled_from(["/", "/gpu/x", "/a/b/c", "//", "/%2e%2e/", "/" + "a" * 3000]),
+            st.sampled_from(PATHS),
             st.text(max_size=60),
         ),
         "raw_path": st.binary(max_size=60),
@@ -470,6 +472,9 @@ REAL_PLUGINS = {
         "GPUPlugin",
         {"backend": "simulated", "simulated_devices": 1, "memory_mb": 64, "max_wait": 1.0},
     ),
+    "predictive": ("overdrive.plugins.predictive", "PredictivePlugin", {"min_support": 1.0}),
+    "stats": ("overdrive.plugins.stats", "StatsPlugin", {"token": "fuzz-token-123"}),
+    "prometheus": ("overdrive.contrib.prometheus", "PrometheusPlugin", {"path": "/metrics"}),
 }
 
 
@@ -539,7 +544,12 @@ def run_case(
         if app.finished and app_plan.kind == "respond":
             answers.add((app_plan.status, b"".join(app_plan.chunks)))
         # Built-in plugins answer too: rate limited, shed, no GPU memory, breaker open.
-        theirs = real and start["status"] in (429, 503)
+        path = scope.get("path", "")
+        theirs = real and (
+            start["status"] in (429, 503)
+            # The stats and metrics endpoints answer for themselves (401 without a token).
+            or ((path.startswith("/overdrive") or path == "/metrics") and start["status"] < 500)
+        )
         assert theirs or (start["status"], body) in answers, (start["status"], body)
         rid = [v for k, v in start["headers"] if k == b"x-request-id"]
         assert rid and is_sane(rid[-1]), start["headers"]
