@@ -20,7 +20,7 @@ import structlog
 from . import hookspecs
 from .chains import Chain, PluginInfo
 from .context import Lease
-from .errors import PluginError
+from .errors import PluginError, PluginFailure
 
 if TYPE_CHECKING:
     from .config import HostSettings
@@ -131,8 +131,21 @@ class ChainWalker:
                 return result
         return None
 
-    async def call_all(self, hook: str, *args: Any) -> list[Any]:
-        """Run every implementation (async ones awaited in turn); results in order."""
+    def _isolate(self, info: PluginInfo, hook: str, exc: BaseException, always: bool) -> None:
+        """`fault`; with `always`, a fail-closed plugin's failure is counted but does not
+        stop the walk (`gpu_release`, `after_request`: each must reach every plugin).
+        """
+        try:
+            self.fault(info, hook, exc)
+        except PluginFailure:
+            if not always:
+                raise
+
+    async def call_all(self, hook: str, *args: Any, always: bool = False) -> list[Any]:
+        """Run every implementation (async ones awaited in turn); results in order.
+
+        With `always`, a fail-closed plugin that raises does not stop the others.
+        """
         timed = self.timed
         results = []
         for fn, is_async, info, timing in self.chains.get(hook, _EMPTY):
@@ -143,18 +156,18 @@ class ChainWalker:
                 if is_async or (result is not None and inspect.isawaitable(result)):
                     result = await result
             except Exception as exc:
-                self.fault(info, hook, exc)
+                self._isolate(info, hook, exc, always)
                 continue
             if timed:
                 _record(timing, perf_counter() - t0)
             results.append(result)
         return results
 
-    def each(self, hook: str, ctx: Any) -> Coroutine[Any, Any, Any] | None:
+    def each(self, hook: str, ctx: Any, *, always: bool = False) -> Coroutine[Any, Any, Any] | None:
         """`call_all(hook, ctx)` without a coroutine where the chain allows; may return
-        a coroutine to await."""
+        a coroutine to await. `always` as in `call_all`."""
         if hook not in self.sync_hooks:
-            return self.call_all(hook, ctx)
+            return self.call_all(hook, ctx, always=always)
         timed = self.timed
         pending: list[tuple[PluginInfo, Any]] | None = None
         for fn, _, info, timing in self.chains.get(hook, _EMPTY):
@@ -163,7 +176,7 @@ class ChainWalker:
             try:
                 result = fn(ctx)
             except Exception as exc:
-                self.fault(info, hook, exc)
+                self._isolate(info, hook, exc, always)
                 continue
             if timed:
                 _record(timing, perf_counter() - t0)
@@ -171,15 +184,17 @@ class ChainWalker:
                 if pending is None:
                     pending = []
                 pending.append((info, result))
-        return self._settle(hook, pending) if pending else None
+        return self._settle(hook, pending, always) if pending else None
 
-    async def _settle(self, hook: str, pending: list[tuple[PluginInfo, Any]]) -> None:
+    async def _settle(
+        self, hook: str, pending: list[tuple[PluginInfo, Any]], always: bool = False
+    ) -> None:
         """Await what sync implementations of an all-hook returned, in order."""
         for info, awaitable in pending:
             try:
                 await awaitable
             except Exception as exc:
-                self.fault(info, hook, exc)
+                self._isolate(info, hook, exc, always)
 
     def call_sync(self, hook: str, *args: Any) -> None:
         """Run every implementation of a hook as plain calls (`on_response_start`)."""

@@ -136,7 +136,9 @@ class OverdriveMiddleware:
                 return  # a fallback answered instead of the app: drop the app's messages
             if message["type"] == "http.response.start":
                 status = message["status"]
-                if status >= 500 and on_failure and not ctx.response_started:
+                # on_failure once per request: not again for the 504/500/fallback that
+                # answers an error it has already seen.
+                if status >= 500 and on_failure and not ctx.response_started and ctx.error is None:
                     ctx.status = status
                     # A framework answering 500 for an exception (Starlette's
                     # ServerErrorMiddleware) does so while handling it: pass it on.
@@ -156,7 +158,11 @@ class OverdriveMiddleware:
                 ctx.response_started = True
                 ctx.t_first_byte = perf_counter()
                 if on_start:
-                    host.call_sync("on_response_start", ctx, status, headers)
+                    try:
+                        host.call_sync("on_response_start", ctx, status, headers)
+                    except PluginFailure:
+                        await self._fail_start(ctx, send, rid_header)
+                        return
                 message["headers"] = headers
             elif ctx.body_observers is not None and message["type"] == "http.response.body":
                 _observe(ctx, message)
@@ -186,7 +192,16 @@ class OverdriveMiddleware:
                 else:
                     response = result
             if response is not None:
-                await response(scope, receive, send_wrapper)
+                try:
+                    await response(scope, receive, send_wrapper)
+                except Exception as exc:
+                    # A plugin's response broke. Before the start, the client gets a 500
+                    # (never the plugin's exception); after it, the server must abort.
+                    if ctx.response_started:
+                        raise
+                    ctx.error = exc
+                    logger.error("short-circuit response raised", error=repr(exc))
+                    await INTERNAL_ERROR(scope, receive, send_wrapper)
             else:
                 ctx.t_app = perf_counter()
                 if ctx.timeout is None and not on_failure:
@@ -197,24 +212,25 @@ class OverdriveMiddleware:
                         raise
                 else:
                     await self._call_app(ctx, scope, receive, send_wrapper, on_failure)
-                if ctx.capture is not None and not ctx.replaced:
+                # Only the app's own response is stored: never a fallback, a 504, a 500.
+                if ctx.capture is not None and not ctx.replaced and ctx.error is None:
                     await self._store(ctx)
-        except PluginFailure:
+        except PluginFailure as exc:
             # Already logged and counted; the client gets a 500 without the exception text.
+            ctx.error = ctx.error or exc
             if not ctx.response_started:
                 await INTERNAL_ERROR(scope, receive, send_wrapper)
         finally:
             # gpu_release once per lease, after_request once per request; never raises.
+            # always=True: a fail-closed plugin raising here must not keep the others'
+            # gpu_release (a leaked lease) or after_request from running.
             ctx.t_end = perf_counter()
-            try:
-                if ctx.lease is not None:
-                    await host.call_all("gpu_release", ctx, ctx.lease)
-                if chains.get("after_request"):
-                    pending = host.each("after_request", ctx)
-                    if pending is not None:
-                        await pending
-            except PluginFailure:
-                pass  # logged and counted in host.fault; the response is already decided
+            if ctx.lease is not None:
+                await host.call_all("gpu_release", ctx, ctx.lease, always=True)
+            if chains.get("after_request"):
+                pending = host.each("after_request", ctx, always=True)
+                if pending is not None:
+                    await pending
             # ctx.scope -> scope -> ctx is a cycle: break it so that both are freed now
             # by reference counting, not later by the garbage collector.
             scope.pop("overdrive.ctx", None)
@@ -236,6 +252,20 @@ class OverdriveMiddleware:
         if self.host.chains.get("on_response_start"):
             self.host.call_sync("on_response_start", ctx, status, headers)
         return headers
+
+    async def _fail_start(
+        self, ctx: RequestContext, send: Send, rid_header: tuple[bytes, Any]
+    ) -> None:
+        """A fail-closed plugin raised in on_response_start: answer 500 instead of the
+        response that was starting, and drop the rest of it (nothing was sent yet).
+        """
+        ctx.replaced = True
+        ctx.status = INTERNAL_ERROR.status
+        ctx.response_headers = INTERNAL_ERROR.headers
+        ctx.response_started = True
+        headers = [*INTERNAL_ERROR.headers, rid_header]
+        await send({"type": "http.response.start", "status": ctx.status, "headers": headers})
+        await send({"type": "http.response.body", "body": INTERNAL_ERROR.body})
 
     async def _store(self, ctx: RequestContext) -> None:
         capture = ctx.capture
@@ -278,7 +308,16 @@ class OverdriveMiddleware:
                 return
             if not on_failure:
                 raise
-            fallback = await host.call_first("on_failure", ctx, exc)
+            if ctx.response_started and (ctx.status or 0) >= 500:
+                # A framework answered 500 for this exception (Starlette's
+                # ServerErrorMiddleware) and on_failure saw that start: once is enough.
+                raise
+            try:
+                fallback = await host.call_first("on_failure", ctx, exc)
+            except PluginFailure:
+                if ctx.response_started:
+                    raise exc from None  # too late for a 500: the server must abort
+                raise
             if fallback is None or ctx.response_started:
                 raise
             await fallback(scope, receive, send)
@@ -358,16 +397,24 @@ def _observe(ctx: RequestContext, message: Message) -> None:
 class _FallbackSend:
     """The send given to a fallback that replaces a failing (5xx) response."""
 
-    __slots__ = ("ctx", "rid_header", "send", "start")
+    __slots__ = ("ctx", "failed", "rid_header", "send", "start")
 
     def __init__(self, ctx: RequestContext, send: Send, start: Any) -> None:
         self.ctx = ctx
         self.send = send
         self.start = start
+        self.failed = False
 
     async def __call__(self, message: Message) -> None:
+        if self.failed:
+            return  # a fail-closed plugin replaced this fallback with a 500
         if message["type"] == "http.response.start":
             rid = (self.start.__self__._rid_name, self.ctx.request_id.encode("ascii"))
             original = message.get("headers") or []
-            message["headers"] = self.start(self.ctx, message["status"], original, rid)
+            try:
+                message["headers"] = self.start(self.ctx, message["status"], original, rid)
+            except PluginFailure:
+                self.failed = True
+                await self.start.__self__._fail_start(self.ctx, self.send, rid)
+                return
         await self.send(message)

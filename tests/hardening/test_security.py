@@ -249,15 +249,22 @@ async def test_cache_entries_bounded_under_distinct_urls() -> None:
 
 
 def test_every_test_the_docs_cite_exists() -> None:
-    """docs/security.md and docs/reliability.md point at tests; each must exist."""
+    """docs/security.md and docs/reliability.md point at tests; each must exist.
+
+    A reference into a plugin's suite is excused while that plugin is not installed
+    (its branch not merged yet).
+    """
     import re
+
+    def excused(file: str) -> bool:
+        match = re.match(r"tests/plugins/(?:test_)?([a-z]+)", file)
+        if match is None:
+            return False
+        return importlib.util.find_spec(f"overdrive.plugins.{match.group(1)}") is None
 
     missing = []
     for doc in ("docs/security.md", "docs/reliability.md"):
-        path = ROOT / doc
-        if not path.exists():
-            continue
-        text = path.read_text(encoding="utf-8")
+        text = (ROOT / doc).read_text(encoding="utf-8")
         for file, name in re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", text):
             target = ROOT / file
             if not target.exists() or f"def {name}(" not in target.read_text(encoding="utf-8"):
@@ -265,6 +272,5 @@ def test_every_test_the_docs_cite_exists() -> None:
         for file in re.findall(r"`(tests/[\w/]+(?:\.py)?)/?`", text):
             if not (ROOT / file).exists():
                 missing.append(f"{doc}: {file}")
-    if missing and importlib.util.find_spec("overdrive.plugins.cache") is None:
-        pytest.skip("the plugins' tests arrive with their branches")
+    missing = [m for m in missing if not excused(m.split(": ", 1)[1])]
     assert missing == [], "\n".join(missing)
