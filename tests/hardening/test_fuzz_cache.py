@@ -285,10 +285,10 @@ def check_from_cache(
     for earlier in candidates:
         if status in (304, 416):
             ok = (status == 304 and body == b"") or status == 416
+        elif req.method == "HEAD":  # headers only, whole (200) or ranged (206)
+            ok = body == b"" and status in (earlier.status, 206)
         elif status == 206:
             ok = body != b"" and body in earlier.body
-        elif req.method == "HEAD":
-            ok = body == b"" and status == earlier.status
         else:
             ok = (status, body) == (earlier.status, earlier.body)
         if ok:
