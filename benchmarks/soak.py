@@ -157,7 +157,7 @@ def serve(port: int, env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[byt
     try:
         video = (ROOT / "examples" / "video_service" / "app.py").exists()
         if video:
-            stub = port + 1
+            stub = free_port()
             procs.append(
                 subprocess.Popen(
                     [
