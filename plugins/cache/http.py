@@ -125,8 +125,10 @@ def vary_suffix(names: tuple[str, ...], headers: Mapping[str, str]) -> str:
     for name in names:
         h.update(name.encode("latin-1", "replace") + b"\x00")
         value = headers.get(name)
-        if value is not None:
-            h.update(" ".join(value.split()).encode("latin-1", "replace"))
+        if value is None:
+            h.update(b"\x02")  # absent matches only absent (RFC 9111 4.1), never empty
+        else:
+            h.update(b"=" + " ".join(value.split()).encode("latin-1", "replace"))
         h.update(b"\x01")
     return "\n~" + h.hexdigest()
 
