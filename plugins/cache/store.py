@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from overdrive.context import CapturedResponse, RequestContext
+from overdrive.middleware.internal import EmptyRequest
 
 from .http import (
     DROP_HEADERS,
@@ -271,15 +272,7 @@ async def revalidate(
     chunks: list[bytes] = []
     size = 0
     complete = False
-    sent_request = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent_request
-        if not sent_request:
-            sent_request = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await done.wait()
-        return {"type": "http.disconnect"}
+    receive = EmptyRequest(done)
 
     async def send(message: dict[str, Any]) -> None:
         nonlocal status, headers, size, complete

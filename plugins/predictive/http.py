@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import structlog
 
 from overdrive import ConfigError, Plugin, hookimpl
+from overdrive.middleware.internal import EmptyRequest
 
 from .predictor import Predictor
 
@@ -242,16 +243,8 @@ class PredictivePlugin(Plugin):
                 "extensions": {PREFETCH_EXTENSION: {"key": key}, INTERNAL_EXTENSION: {}},
             }
             finished = asyncio.Event()
-            sent_request = False
+            receive = EmptyRequest(finished)
             status: list[int] = []
-
-            async def receive() -> dict[str, Any]:
-                nonlocal sent_request
-                if not sent_request:
-                    sent_request = True
-                    return {"type": "http.request", "body": b"", "more_body": False}
-                await finished.wait()
-                return {"type": "http.disconnect"}
 
             async def send(message: MutableMapping[str, Any]) -> None:
                 if message["type"] == "http.response.start":
