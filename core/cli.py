@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -59,6 +60,20 @@ def _host(args: argparse.Namespace) -> Any:
     return Overdrive(args.config)
 
 
+_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://[^:/@\s]*):[^@/\s]+@")
+
+
+def redact(value: Any) -> Any:
+    """Passwords in URLs replaced by ``***``, in any nested settings value."""
+    if isinstance(value, str):
+        return _CREDENTIALS.sub(r"\g<scheme>:***@", value)
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    return value
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     try:
         host = _host(args)
@@ -74,7 +89,7 @@ def cmd_config(args: argparse.Namespace) -> int:
             for r in host.routes.rules
         ],
     }
-    print(json.dumps(effective, indent=2, default=str))
+    print(json.dumps(redact(effective), indent=2, default=str))
     return 0
 
 
@@ -84,7 +99,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except OverdriveError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 1
-    plan = host.explain(args.method, args.path)
+    plan = redact(host.explain(args.method, args.path))
     if args.json:
         print(json.dumps(plan, indent=2, default=str))
         return 0

@@ -88,3 +88,13 @@ def test_explain_shows_the_chain_and_rules(
     plan = json.loads(capsys.readouterr().out)
     assert plan["rules"] == []
     assert plan["hooks"]["after_request"] == ["recorder"]
+
+
+def test_config_never_prints_passwords(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (project / "overdrive.toml").write_text(
+        'plugins = ["cache"]\n[cache]\nredis_url = "redis://app:s3cret@cache.internal:6379/0"\n'
+    )
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "s3cret" not in out
+    assert "redis://app:***@cache.internal:6379/0" in out
