@@ -90,7 +90,8 @@ class OverdriveMiddleware:
         chains = host.chains
         rid_name = self._rid_name
 
-        request_id = rid_value = None
+        request_id: str | None = None
+        rid_value = b""
         for name, value in scope.get("headers") or ():
             if name == rid_name:
                 if is_sane(value):
@@ -129,7 +130,6 @@ class OverdriveMiddleware:
             ctx.internal = True
         rid_header = (rid_name, rid_value)
         on_failure = chains.get("on_failure")
-        on_start = chains.get("on_response_start")
 
         async def send_wrapper(message: Message) -> None:
             if ctx.replaced:
@@ -148,21 +148,12 @@ class OverdriveMiddleware:
                     fallback = await host.call_first("on_failure", ctx, handling)
                     if fallback is not None:
                         ctx.replaced = True
-                        await fallback(scope, receive, _FallbackSend(ctx, send, self._start))
+                        await fallback(scope, receive, _FallbackSend(self, ctx, send, rid_header))
                         return
-                original = message.get("headers") or []
-                headers = list(original)
-                headers.append(rid_header)
-                ctx.status = status
-                ctx.response_headers = original
-                ctx.response_started = True
-                ctx.t_first_byte = perf_counter()
-                if on_start:
-                    try:
-                        host.call_sync("on_response_start", ctx, status, headers)
-                    except PluginFailure:
-                        await self._fail_start(ctx, send, rid_header)
-                        return
+                headers = self._start(ctx, status, message.get("headers") or [], rid_header)
+                if headers is None:
+                    await self._fail_start(ctx, send, rid_header)
+                    return
                 message["headers"] = headers
             elif ctx.body_observers is not None and message["type"] == "http.response.body":
                 _observe(ctx, message)
@@ -241,8 +232,10 @@ class OverdriveMiddleware:
         status: int,
         original: Headers,
         rid_header: tuple[bytes, bytes],
-    ) -> Headers:
-        """Record the response start on `ctx`; the headers to send (ours added)."""
+    ) -> Headers | None:
+        """Record the response start on `ctx`; the headers to send (ours added), or
+        None when a fail-closed `on_response_start` plugin raised (answer 500 instead).
+        """
         headers = list(original)
         headers.append(rid_header)
         ctx.status = status
@@ -250,11 +243,14 @@ class OverdriveMiddleware:
         ctx.response_started = True
         ctx.t_first_byte = perf_counter()
         if self.host.chains.get("on_response_start"):
-            self.host.call_sync("on_response_start", ctx, status, headers)
+            try:
+                self.host.call_sync("on_response_start", ctx, status, headers)
+            except PluginFailure:
+                return None
         return headers
 
     async def _fail_start(
-        self, ctx: RequestContext, send: Send, rid_header: tuple[bytes, Any]
+        self, ctx: RequestContext, send: Send, rid_header: tuple[bytes, bytes]
     ) -> None:
         """A fail-closed plugin raised in on_response_start: answer 500 instead of the
         response that was starting, and drop the rest of it (nothing was sent yet).
@@ -397,24 +393,30 @@ def _observe(ctx: RequestContext, message: Message) -> None:
 class _FallbackSend:
     """The send given to a fallback that replaces a failing (5xx) response."""
 
-    __slots__ = ("ctx", "failed", "rid_header", "send", "start")
+    __slots__ = ("ctx", "failed", "middleware", "rid_header", "send")
 
-    def __init__(self, ctx: RequestContext, send: Send, start: Any) -> None:
+    def __init__(
+        self,
+        middleware: OverdriveMiddleware,
+        ctx: RequestContext,
+        send: Send,
+        rid_header: tuple[bytes, bytes],
+    ) -> None:
+        self.middleware = middleware
         self.ctx = ctx
         self.send = send
-        self.start = start
+        self.rid_header = rid_header
         self.failed = False
 
     async def __call__(self, message: Message) -> None:
         if self.failed:
             return  # a fail-closed plugin replaced this fallback with a 500
         if message["type"] == "http.response.start":
-            rid = (self.start.__self__._rid_name, self.ctx.request_id.encode("ascii"))
             original = message.get("headers") or []
-            try:
-                message["headers"] = self.start(self.ctx, message["status"], original, rid)
-            except PluginFailure:
+            headers = self.middleware._start(self.ctx, message["status"], original, self.rid_header)
+            if headers is None:
                 self.failed = True
-                await self.start.__self__._fail_start(self.ctx, self.send, rid)
+                await self.middleware._fail_start(self.ctx, self.send, self.rid_header)
                 return
+            message["headers"] = headers
         await self.send(message)
