@@ -10,6 +10,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -39,16 +40,20 @@ def need(service: str, host: str, port: int) -> None:
     pytest.skip(message)
 
 
+def _need_url(service: str, url: str, default_port: int) -> str:
+    parts = urlsplit(url)
+    need(service, parts.hostname or "127.0.0.1", parts.port or default_port)
+    return url
+
+
 @pytest.fixture
 def redis_url() -> str:
-    need("Redis", "127.0.0.1", 6379)
-    return REDIS_URL
+    return _need_url("Redis", REDIS_URL, 6379)
 
 
 @pytest.fixture
 def postgres_url() -> str:
-    need("PostgreSQL", "127.0.0.1", 5432)
-    return POSTGRES_URL
+    return _need_url("PostgreSQL", POSTGRES_URL, 5432)
 
 
 @pytest.fixture

@@ -201,10 +201,10 @@ class ConnectionPoolManager:
         busy waits up to `timeout` seconds, then raises `PoolExhausted`.
         """
         from redis.asyncio import BlockingConnectionPool, Redis
+        from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
         from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.exceptions import TimeoutError as RedisTimeoutError
-        from redis.retry import Retry
 
         self._claim(name)
         self._positive(f"pool {name!r}: max_connections", max_connections)
