@@ -32,6 +32,7 @@ class PluginInfo:
         "fail_closed",
         "index",
         "last_error",
+        "last_stats_error",
         "name",
         "obj",
         "quarantined_until",
@@ -39,6 +40,7 @@ class PluginInfo:
         "recent_errors",
         "shadow",
         "shadow_hits",
+        "stats_errors",
         "timings",
         "version",
     )
@@ -67,6 +69,9 @@ class PluginInfo:
         self.quarantined_until = 0.0
         self.quarantines = 0
         self.shadow_hits = 0
+        # collect_stats failures, apart from `errors`: a scrape never quarantines a plugin.
+        self.stats_errors = 0
+        self.last_stats_error = ""
         self.timings: dict[str, Timing] = {}
 
     def stats(self, now: float) -> dict[str, Any]:
@@ -79,6 +84,8 @@ class PluginInfo:
             "quarantined": self.quarantined_until > now,
             "quarantined_for_s": max(0.0, round(self.quarantined_until - now, 3)),
             "quarantines": self.quarantines,
+            "stats_errors": self.stats_errors,
+            "last_stats_error": self.last_stats_error,
             # Sampled: every Nth request is timed (HostSettings.hook_timing_sample).
             "hooks": {
                 hook: {

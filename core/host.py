@@ -256,6 +256,18 @@ class Overdrive(ChainWalker):
             )
             self._compile()
 
+    def stats_fault(self, info: PluginInfo, exc: BaseException) -> None:
+        """A plugin's `collect_stats` raised: counted apart from its request-hook errors.
+
+        Never a quarantine and never a PluginFailure: whoever can scrape the stats
+        (a /metrics endpoint) must not be able to switch off a plugin's request checks.
+        """
+        info.stats_errors += 1
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        if error != info.last_stats_error:  # logged when it changes, not at every scrape
+            logger.error("plugin collect_stats raised", plugin=info.name, error=error, exc_info=exc)
+        info.last_stats_error = error
+
     def _call_sync_all(self, hook: str, *args: Any, startup: bool = False) -> None:
         for fn, _, info, _timing in self.chains.get(hook, _EMPTY):
             try:
@@ -355,7 +367,7 @@ class Overdrive(ChainWalker):
                 if is_async:
                     figures = await figures
             except Exception as exc:
-                self.fault(info, "collect_stats", exc)
+                self.stats_fault(info, exc)
                 stats[info.name] = {"error": f"{type(exc).__name__}: {exc}"}
                 continue
             if figures is not None:

@@ -316,7 +316,9 @@ async def test_stats_survive_a_raising_collect_stats() -> None:
     host = make_host(BadStats(), HookRecorder())
     stats = await host.get_system_stats()
     assert stats["bad"] == {"error": "RuntimeError: nope"}
-    assert stats["host"]["plugins"]["bad"]["errors"] == 1  # counted in the same call
+    # Counted in the same call, apart from request-hook errors (never a quarantine).
+    assert stats["host"]["plugins"]["bad"]["stats_errors"] == 1
+    assert stats["host"]["plugins"]["bad"]["errors"] == 0
 
     assert stats["recorder"] == {"calls": 1}  # overdrive_configure
     assert {"cpu_percent", "memory_percent", "process_rss_mb"} <= set(stats["system"])

@@ -6,7 +6,8 @@ with the same `name` share one), or, with ``all_routes = true``, requests that
 match no such rule share the breaker ``"default"``. A 5xx answer, an app
 exception or a timeout (504) counts as a failure; 4xx answers are successes.
 While a breaker is open, `before_request` answers 503 with ``Retry-After`` at
-once, without calling the app.
+once, without calling the app. Only the app's own answers count (a cache hit
+or another plugin's answer is neither a success nor a trial).
 """
 
 from __future__ import annotations
@@ -156,8 +157,11 @@ class BreakerPlugin(Plugin):
         if entry is None:
             return
         breaker, trial = entry
-        if state.get(REJECTED) not in (None, self.name):
-            breaker.release(trial)  # another plugin answered: not the app's outcome
+        if state.get(REJECTED) not in (None, self.name) or not ctx.t_app:
+            # Another plugin answered (a rate limit, a cache hit, a collapsed follower):
+            # not the app's outcome, so never a trial's verdict. Only the app's answers
+            # may close a half-open breaker.
+            breaker.release(trial)
             return
         status = ctx.status
         if status is None and ctx.error is None:
