@@ -69,7 +69,7 @@ async def serve(
     and yield a `Harness` with an httpx client. Requires the `test` extra.
     """
     import httpx
-    from asgi_lifespan import LifespanManager
+    from asgi_lifespan import LifespanManager, LifespanNotSupported
 
     has_own = isinstance(app, OverdriveMiddleware) or any(
         m.cls is OverdriveMiddleware for m in getattr(app, "user_middleware", ())
@@ -84,15 +84,31 @@ async def serve(
     transport = httpx.ASGITransport(app=wrapped, raise_app_exceptions=raise_app_exceptions)
     async with AsyncExitStack() as stack:
         if lifespan:
-            await stack.enter_async_context(
-                LifespanManager(wrapped, startup_timeout=30, shutdown_timeout=30)
-            )
+            try:
+                await stack.enter_async_context(
+                    LifespanManager(wrapped, startup_timeout=30, shutdown_timeout=30)
+                )
+            except LifespanNotSupported:
+                # The app raised on the lifespan scope before reading it: go on without
+                # one, as uvicorn does; the host starts at the first request.
+                lifespan = False
+        if not lifespan:
+            stack.push_async_callback(_shutdown, wrapped)
         client = await stack.enter_async_context(
             httpx.AsyncClient(transport=transport, base_url=base_url)
         )
         if not lifespan and has_own:
             await client.get("/__overdrive_warmup__")  # builds the app's middleware stack
         yield Harness(wrapped, find_host(wrapped), client)
+
+
+async def _shutdown(app: Any) -> None:
+    """No lifespan ran: stop the host the first request started, as a lifespan would."""
+    try:
+        host = find_host(app)
+    except LookupError:
+        return
+    await host.cleanup()
 
 
 def find_host(app: Any, depth: int = 32) -> Overdrive:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .sources import Sources
 
 ENV_PREFIX = "OVERDRIVE_"
 
@@ -79,10 +80,12 @@ def find_config_file(directory: Path | None = None) -> Path | None:
         return candidate
     pyproject = directory / "pyproject.toml"
     if pyproject.is_file():
+        text = pyproject.read_text()
         try:
-            data = tomllib.loads(pyproject.read_text())
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError:
-            return None
+            # Ours if it names our table: load_file then reports the syntax error.
+            return pyproject if "[tool.overdrive" in text else None
         if "overdrive" in data.get("tool", {}):
             return pyproject
     return None
@@ -102,8 +105,14 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return dict(data)
 
 
-def apply_env(config: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """`config` with ``OVERDRIVE_*`` variables applied (values stay strings; settings coerce)."""
+def apply_env(
+    config: Mapping[str, Any], env: Mapping[str, str], origins: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """`config` with ``OVERDRIVE_*`` variables applied (values stay strings; settings coerce).
+
+    `origins`, when given, receives dotted key -> the variable that set it.
+    """
+    origins = {} if origins is None else origins
     out: dict[str, Any] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in config.items()}
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX) or name == f"{ENV_PREFIX}CONFIG":
@@ -111,14 +120,17 @@ def apply_env(config: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, An
         key = name[len(ENV_PREFIX) :].lower()
         if key == "plugins":
             out["plugins"] = [p.strip() for p in value.split(",") if p.strip()]
+            origins[key] = name
         elif "__" in key:
             table, _, setting = key.partition("__")
             section = out.setdefault(table, {})
             if not isinstance(section, dict):
                 raise ConfigError(f"{name}: {table!r} is not a table in the configuration")
             section[setting] = value
+            origins[f"{table}.{setting}"] = name
         else:
             out[key] = value
+            origins[key] = name
     return out
 
 
@@ -127,11 +139,24 @@ def resolve_config(
     env: Mapping[str, str] | None,
 ) -> dict[str, Any]:
     """The merged configuration dict from whichever source was given, plus environment."""
+    return resolve_sources(config, env)[0]
+
+
+def resolve_sources(
+    config: Mapping[str, Any] | str | os.PathLike[str] | None,
+    env: Mapping[str, str] | None,
+) -> tuple[dict[str, Any], Sources]:
+    """`resolve_config`, and where its values came from (for error messages)."""
+    sources = Sources()
     if config is None:
         found = find_config_file()
         base: Mapping[str, Any] = load_file(found) if found else {}
+        sources.file = found
     elif isinstance(config, Mapping):
         base = config
     else:
         base = load_file(config)
-    return apply_env(base, os.environ if env is None else env)
+        sources.file = Path(config)
+    merged = apply_env(base, os.environ if env is None else env, sources.env)
+    sources.base_keys = frozenset(base)
+    return merged, sources

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,15 +23,17 @@ import structlog
 
 from . import hookspecs
 from .chains import Chain, PluginInfo, compile_chains
-from .config import HostSettings, PluginFlags, resolve_config
+from .config import HostSettings, PluginFlags, resolve_sources
 from .context import Operation
 from .discovery import Discovered, discover, import_path, plugin_name
 from .errors import ConfigError, PluginFailure, PluginLoadError
 from .routes import RouteRule, RouteTable, parse_rules
 from .settings import validate_settings
+from .sources import Sources
 from .walk import ChainWalker
 
 logger = structlog.get_logger("overdrive")
+log = logging.getLogger("overdrive")
 
 # Keys a plugin's table may hold besides its own settings.
 _PLUGIN_FLAGS = ("fail_closed", "shadow")
@@ -49,7 +52,21 @@ class Overdrive(ChainWalker):
         redis_url: str | None = None,
         state: Mapping[str, Any] | None = None,
     ) -> None:
-        raw = resolve_config(config, env)
+        raw, sources = resolve_sources(config, env)
+        try:
+            self._build(raw, plugins, redis_url, state, sources)
+        except (ConfigError, PluginLoadError) as exc:
+            sources.annotate(exc)  # "(from OVERDRIVE_X)" or "(at overdrive.toml, line 4)"
+            raise
+
+    def _build(
+        self,
+        raw: dict[str, Any],
+        plugins: Sequence[Any],
+        redis_url: str | None,
+        state: Mapping[str, Any] | None,
+        sources: Sources,
+    ) -> None:
         if redis_url is not None:  # the seed's AdvancedPerformanceSystem(redis_url=...)
             raw.setdefault("redis_url", redis_url)
         self.config = raw
@@ -80,11 +97,16 @@ class Overdrive(ChainWalker):
 
         objects = self._load(enabled, plugins)
         known = set(self.discovered) | set(objects)
-        for key in raw:
+        for key in list(raw):
             if key in ("plugins", "routes") or key in host_keys or key in objects:
                 continue
             if key in self.discovered:
                 continue  # a table for a discovered plugin that is not enabled
+            stray = sources.stray(key)
+            if stray:  # OVERDRIVE_HOME=/opt/x belongs to someone else: say so, go on
+                log.warning("%s: not an Overdrive setting (no key %r), ignored", stray, key)
+                del raw[key]
+                continue
             raise ConfigError(
                 f"{key}: unknown key; expected 'plugins', 'routes', a host setting "
                 f"({', '.join(sorted(HostSettings.__dataclass_fields__))}) or a plugin "

@@ -20,10 +20,11 @@ from typing import Any
 import structlog
 
 from overdrive.context import CapturedResponse, Lease, RequestContext
-from overdrive.errors import PluginFailure
+from overdrive.errors import OverdriveError, PluginFailure
 from overdrive.host import Overdrive
 
 from .endpoints import endpoint_rules, find_routes
+from .lifespan import run_lifespan, start_on_request
 from .request_id import is_sane, new_request_id
 from .responses import GATEWAY_TIMEOUT, INTERNAL_ERROR, Message, Receive, Scope, Send
 
@@ -31,11 +32,6 @@ Headers = list[tuple[bytes, bytes]]
 
 logger = structlog.get_logger("overdrive.middleware")
 
-_LIFESPAN_ENDS = (
-    "lifespan.shutdown.complete",
-    "lifespan.shutdown.failed",
-    "lifespan.startup.failed",
-)
 ASGIApp = Any  # any ASGI 3 callable; kept loose so raw apps and Starlette apps both fit
 
 
@@ -59,7 +55,17 @@ class OverdriveMiddleware:
         if host is not None and (config is not None or plugins):
             raise TypeError("pass either host= or config=/plugins=, not both")
         self.app = app
-        self.host = host if host is not None else Overdrive(config, plugins=plugins, env=env)
+        #: Why this middleware cannot start (a configuration or plugin-load error), or
+        #: None. Kept, not raised: Starlette builds its middleware inside the server's
+        #: first call, where a raise reads as "no lifespan support" and startup goes
+        #: on. It is answered as lifespan.startup.failed instead (middleware/lifespan.py).
+        self.error: BaseException | None = None
+        self.error_logged = False
+        try:
+            self.host = host if host is not None else Overdrive(config, plugins=plugins, env=env)
+        except OverdriveError as exc:
+            self.error = exc
+            self.host = Overdrive({}, env={})  # an empty stand-in that is never started
         self.host.state.setdefault("app", app)
         self._rid_name = self.host.settings.request_id_header.encode("latin-1")
         self._prepared = False
@@ -78,13 +84,13 @@ class OverdriveMiddleware:
         # it avoids is a measurable share of the per-request cost (benchmarks/overhead.py).
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
-                await self._lifespan(scope, receive, send)
+                await run_lifespan(self, scope, receive, send)
             else:
                 await self.app(scope, receive, send)
             return
         host = self.host
-        if not host.started:
-            await self._startup()
+        if not host.started and not await start_on_request(self, scope, receive, send):
+            return
         if host._release_at:
             host.release_quarantine(perf_counter())
         chains = host.chains
@@ -317,67 +323,6 @@ class OverdriveMiddleware:
             if fallback is None or ctx.response_started:
                 raise
             await fallback(scope, receive, send)
-
-    # -- lifespan ----------------------------------------------------------------------
-
-    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Our startup before the app's, our shutdown after the app's.
-
-        An app with no lifespan support (it raises or returns without reading the
-        startup message) gets the lifespan answered by us.
-        """
-        host = self.host
-        seen_startup = False
-        startup_error: BaseException | None = None
-
-        async def lifespan_receive() -> Message:
-            nonlocal seen_startup, startup_error
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                seen_startup = True
-                try:
-                    await self._startup()
-                except Exception as exc:
-                    startup_error = exc
-                    raise
-            return message
-
-        async def lifespan_send(message: Message) -> None:
-            if message["type"] in _LIFESPAN_ENDS:
-                await host.cleanup()
-            await send(message)
-
-        try:
-            await self.app(scope, lifespan_receive, lifespan_send)
-        except BaseException as exc:
-            if startup_error is not None:
-                await send({"type": "lifespan.startup.failed", "message": str(startup_error)})
-                return
-            if seen_startup:
-                await host.cleanup()
-                raise
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-        else:
-            if seen_startup:
-                return
-        await self._own_lifespan(receive, send)
-
-    async def _own_lifespan(self, receive: Receive, send: Send) -> None:
-        host = self.host
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                try:
-                    await self._startup()
-                except Exception as exc:
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                    return
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await host.cleanup()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
 
 
 def _observe(ctx: RequestContext, message: Message) -> None:

@@ -66,7 +66,7 @@ async def test_configuration_overrides_the_endpoint_policy() -> None:
     assert response.headers["x-ttl"] == "60"
 
 
-async def test_a_bad_policy_fails_at_startup() -> None:
+async def test_a_bad_policy_fails_at_startup(caplog: pytest.LogCaptureFixture) -> None:
     app = FastAPI()
 
     @app.get("/x")
@@ -74,9 +74,15 @@ async def test_a_bad_policy_fails_at_startup() -> None:
     async def x() -> Any:
         return {}
 
+    with pytest.raises(ConfigError, match=r"echo\.ttl: expected an integer or none"):
+        async with serve(app, plugins=[Echo()]):
+            pass
+    # Without a lifespan: a 500 for every request, the reason logged once.
     async with serve(app, plugins=[Echo()], lifespan=False) as h:
-        with pytest.raises(ConfigError, match=r"echo\.ttl: expected an integer or none"):
-            await h.client.get("/x")
+        statuses = [(await h.client.get("/x")).status_code for _ in range(2)]
+    assert statuses == [500, 500]
+    errors = [r for r in caplog.records if r.levelname == "ERROR" and "echo.ttl" in r.message]
+    assert len(errors) == 1
 
 
 def test_policy_rejects_non_tables() -> None:

@@ -13,7 +13,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import overdrive
-from overdrive import Lease
+from overdrive import Lease, PluginFailure
 from overdrive.contrib.testing import HookRecorder, make_host, serve
 from overdrive.middleware import OverdriveMiddleware
 
@@ -408,8 +408,12 @@ async def test_lifespan_for_an_app_without_lifespan_support() -> None:
             raise ValueError("only http")  # a raw app that refuses lifespan
         await PlainTextResponse("raw")(scope, receive, send)
 
+    # The refusal reaches the server as it would without us (tests/middleware/
+    # test_lifespan.py); the harness goes on without a lifespan as uvicorn does, so
+    # the host starts at the first request and the harness stops it.
     recorder = HookRecorder()
     async with serve(raw, plugins=[recorder]) as h:
+        assert "overdrive_startup" not in recorder.hooks
         response = await h.client.get("/")
     assert response.text == "raw"
     assert recorder.hooks.count("overdrive_startup") == 1
@@ -442,9 +446,11 @@ async def test_startup_failure_of_a_fail_closed_plugin_fails_the_lifespan() -> N
     async def send(message: Message) -> None:
         sent.append(message)
 
-    await app({"type": "lifespan"}, receive, send)
-    assert sent[0]["type"] == "lifespan.startup.failed"
+    with pytest.raises(PluginFailure):
+        await app({"type": "lifespan"}, receive, send)
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
     assert "badstart" in sent[0]["message"]
+    assert "ConnectionError: no database" in sent[0]["message"]
 
 
 async def test_add_middleware_on_starlette_and_fastapi() -> None:
