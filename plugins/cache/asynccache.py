@@ -129,6 +129,9 @@ class AsyncCache:
         self._ensure_listener()
         raw = await redis.call(redis.client.get, self._rkey(key))
         if raw is FAULT or raw is None:
+            if raw is FAULT and redis.refused_last:  # WRONGTYPE: a bad entry, not Redis down
+                redis.corrupt += 1
+                logger.warning("unreadable cache entry treated as a miss", key=key[:200])
             redis.misses += 1
             return _MISSING
         try:

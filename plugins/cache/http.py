@@ -16,6 +16,7 @@ import struct
 from collections.abc import Iterable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from overdrive.middleware.responses import PlainResponse
 
@@ -90,14 +91,29 @@ def parse_http_date(value: str | None) -> float | None:
         return None
 
 
-def normalize_query(query: bytes, ignore: frozenset[bytes]) -> bytes:
-    """Sorted parameters, empty and ignored ones dropped; bytes are kept as sent."""
+def normalize_query(query: bytes, ignore: frozenset[bytes], sort: bool = True) -> bytes:
+    """The query as the key holds it: empty and ignored parameters dropped and, with
+    `sort`, the parameters stably sorted by their decoded name; bytes are kept as sent.
+
+    Only reorderings that no framework can tell apart are made: parameters with
+    the same name keep their relative order (``?id=1&id=2`` is not ``?id=2&id=1``:
+    Starlette's ``query_params["id"]`` is the last one), and names are compared
+    percent- and plus-decoded (``%61=1&a=2`` is ``a=1&a=2`` to the app, whose
+    order matters). Empty parts (``a=1&&b=2``) are skipped by every parser.
+    """
     if not query:
         return b""
     parts = [p for p in query.split(b"&") if p and p.split(b"=", 1)[0] not in ignore]
-    if len(parts) > 1:
-        parts.sort()
+    if sort and len(parts) > 1:
+        parts.sort(key=_decoded_name)  # list.sort is stable
     return b"&".join(parts)
+
+
+def _decoded_name(part: bytes) -> bytes:
+    name = part.partition(b"=")[0]
+    if b"%" in name or b"+" in name:
+        return unquote_to_bytes(name.replace(b"+", b" "))
+    return name
 
 
 def vary_names(values: Iterable[bytes]) -> tuple[str, ...] | None:

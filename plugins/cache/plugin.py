@@ -23,7 +23,7 @@ from .asynccache import AsyncCache
 from .flight import Flight, FollowerAnswer
 from .http import HTTPSerializer, StoredResponse, VaryIndex, answer, vary_suffix
 from .settings import CacheConfig, CacheSettings
-from .store import Route, build_stored, revalidate
+from .store import UNKEYED_KIND, Route, build_stored, duplicated, revalidate
 
 __all__ = ["CachePlugin", "tag_response"]
 
@@ -93,6 +93,7 @@ class CachePlugin(Plugin):
             eviction_policy=s.eviction_policy,
             namespace=s.namespace,
             redis_timeout=s.redis_timeout,
+            memory_ttl=s.memory_ttl,
             max_value_bytes=max(s.max_entry_bytes * 2, 1 << 20),
         )
         url = s.redis_url or getattr(host, "redis_url", None)
@@ -136,10 +137,14 @@ class CachePlugin(Plugin):
         auth = cookie = unkeyed = False
         cc = pragma = inm = ims = rng = if_range = None
         host = b""
+        seen = repeated = 0
         for name, value in ctx.raw_headers:
             kind = read.get(name)
             if kind is None:
                 continue
+            bit = 1 << kind
+            repeated |= seen & bit
+            seen |= bit
             if kind == _HOST:
                 host = value
             elif kind == _AUTH:
@@ -158,9 +163,11 @@ class CachePlugin(Plugin):
                 rng = value
             elif kind == _IF_RANGE:
                 if_range = value
-            else:
+            elif kind == UNKEYED_KIND:
                 unkeyed = True
-        if unkeyed or (auth and not route.by_auth) or (cookie and not route.by_cookie):
+        if unkeyed or repeated or (auth and not route.by_auth) or (cookie and not route.by_cookie):
+            # `repeated`: a header the key or this lookup reads came twice (two Host
+            # lines: the key would use one, Starlette builds URLs from the other).
             ctx.cache_status = BYPASS
             self.counts[BYPASS] += 1
             return None
@@ -261,6 +268,8 @@ class CachePlugin(Plugin):
         remote = cache.redis is not None
         value = cache.get_local(key, now, count_miss=not remote)
         if type(value) is VaryIndex:
+            if duplicated(ctx.raw_headers, value.names):
+                return None  # a repeated Vary header: its joined value is not what apps read
             value = cache.get_local(key + vary_suffix(value.names, ctx.headers), now)
         return value if type(value) is StoredResponse else None
 
@@ -269,6 +278,8 @@ class CachePlugin(Plugin):
         assert cache is not None
         value = await cache.get(key)
         if type(value) is VaryIndex:
+            if duplicated(ctx.raw_headers, value.names):
+                return None
             value = await cache.get(key + vary_suffix(value.names, ctx.headers))
         return value if type(value) is StoredResponse else None
 
@@ -289,7 +300,9 @@ class CachePlugin(Plugin):
 
     def _same_variant(self, flight: Flight, ctx: RequestContext) -> bool:
         names = self._route(ctx.settings("cache") or self.settings).vary_of(flight.headers)
-        if names is None:
+        if names is None or duplicated(ctx.raw_headers, names):
+            return False
+        if duplicated(flight.request.raw_headers, names):
             return False
         theirs, ours = flight.request.headers, ctx.headers
         return all(theirs.get(n) == ours.get(n) for n in names)
@@ -334,20 +347,23 @@ class CachePlugin(Plugin):
         self, ctx: RequestContext, status: int, headers: list[tuple[bytes, bytes]]
     ) -> None:
         state = ctx.cache_status
+        s = ctx.settings("cache") or self.settings
+        route = self._route(s)
+        # The app's tag header is for the cache alone: stripped from every response,
+        # looked up or not (a POST, a route with caching off, a bypass).
+        tag = route.tag_header
+        for name, _ in headers:
+            if name.lower() == tag:
+                headers[:] = [h for h in headers if h[0].lower() != tag]
+                break
         if state is None:
             return
-        if state in (MISS, BYPASS):
-            s = ctx.settings("cache") or self.settings
-            route = self._route(s)
-            tag = route.tag_header
-            if any(k.lower() == tag for k, _ in headers):
-                headers[:] = [h for h in headers if h[0].lower() != tag]
-            if state == MISS:
-                miss = ctx.state.get("cache")
-                if miss is not None and miss.flight is not None:
-                    original = ctx.response_headers or []
-                    shareable = route.shareable(status, original, ctx)
-                    miss.flight.start(status, route.client_headers(original), shareable)
+        if state == MISS:
+            miss = ctx.state.get("cache")
+            if miss is not None and miss.flight is not None:
+                original = ctx.response_headers or []
+                shareable = route.shareable(status, original, ctx)
+                miss.flight.start(status, route.client_headers(original), shareable)
         headers.append(_X_CACHE[state])
 
     @hookimpl
@@ -377,6 +393,8 @@ class CachePlugin(Plugin):
             return False
         stored, ttl, all_tags, compressible = built
         if stored.vary:
+            if duplicated(ctx.raw_headers, stored.vary):
+                return False  # the variant's key would not be what the app read
             await cache.set(key, VaryIndex(stored.vary), ttl, tags=all_tags)
             key = key + vary_suffix(stored.vary, ctx.headers)
         all_tags = (*all_tags, *(tags or ()))

@@ -18,15 +18,28 @@ EvictionPolicy = Literal["s3fifo", "sieve", "lru", "ttl"]
 DEFAULT_POLICY: EvictionPolicy = "s3fifo"
 _POLICIES = ("s3fifo", "sieve", "lru", "ttl")
 
-#: Request headers that frameworks commonly trust without keying on them: a request
-#: that carries one bypasses the cache unless `key_headers` puts it in the key.
+#: Request headers that frameworks, proxies' helpers (uvicorn's --proxy-headers,
+#: Werkzeug's ProxyFix, Django's USE_X_FORWARDED_*) or apps commonly trust to build
+#: URLs or pick the method, without the cache keying on them: a request that carries
+#: one bypasses the cache unless `key_headers` puts it in the key (docs/security.md).
+#: X-Forwarded-For is not here: every proxied request carries it.
 UNKEYED_HEADERS = [
+    "forwarded",
     "x-forwarded-host",
-    "x-forwarded-proto",
+    "x-forwarded-port",
     "x-forwarded-prefix",
+    "x-forwarded-proto",
+    "x-forwarded-scheme",
+    "x-forwarded-server",
+    "x-host",
+    "x-http-method",
+    "x-http-method-override",
+    "x-method-override",
+    "x-original-host",
     "x-original-url",
     "x-rewrite-url",
 ]
+MAX_KEY_HEADERS = 40
 #: RFC 9110 15.1: statuses cacheable by default, less 206 (a part is never stored as
 #: the whole; Range requests are answered from a stored 200 instead).
 CACHEABLE_STATUSES = [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501]
@@ -103,6 +116,7 @@ class CacheSettings:
     eviction_policy: EvictionPolicy = DEFAULT_POLICY
     ignore_query_params: list[str] = field(default_factory=list)  # (route) left out of the key
     key_headers: list[str] = field(default_factory=list)  # (route) request headers in the key
+    sort_query: bool = True  # (route) sort parameters by name (same names keep their order)
     unkeyed_headers: list[str] = field(default_factory=lambda: list(UNKEYED_HEADERS))
     cacheable_statuses: list[int] = field(default_factory=lambda: list(CACHEABLE_STATUSES))
     ttl: int | None = None  # (route) TTL for responses without caching headers
@@ -112,6 +126,10 @@ class CacheSettings:
     stale_while_revalidate: int = 0  # (route) seconds, when the response names none
     stale_if_error: int = 0  # (route) seconds, when the response names none
     wait_timeout: float = 30.0  # how long concurrent misses wait for the first one
+    uncacheable_ttl: float = 30.0  # a URL that answered uncacheable is not collapsed this long
+    max_uncacheable: int = 10_000  # URLs remembered as uncacheable (oldest forgotten first)
+    memory_ttl: float | None = None  # cap on how long a Redis entry lives in this worker's memory
+    trust_dependencies: bool = False  # (route) FastAPI: do not key on what dependencies read
     lock_ttl: float = 30.0  # the cross-worker single-flight lock in Redis
     redis_timeout: float = 0.25
     compression: bool = True
@@ -121,6 +139,9 @@ class CacheSettings:
         _positive("cache.max_bytes", self.max_bytes)
         _positive("cache.max_entry_bytes", self.max_entry_bytes)
         _positive("cache.wait_timeout", self.wait_timeout)
+        _positive("cache.uncacheable_ttl", self.uncacheable_ttl)
+        _positive("cache.max_uncacheable", self.max_uncacheable)
+        _positive("cache.memory_ttl", self.memory_ttl, allow_none=True)
         _positive("cache.lock_ttl", self.lock_ttl)
         _positive("cache.redis_timeout", self.redis_timeout)
         for name in ("default_ttl", "ttl"):
@@ -149,7 +170,12 @@ class CacheSettings:
         if not self.tag_header or not self.tag_header.isascii() or ":" in self.tag_header:
             raise ConfigError(f"cache.tag_header: expected a header name, got {self.tag_header!r}")
         # Header names are matched lower-cased, as ASGI servers deliver them.
-        self.key_headers = [h.lower() for h in self.key_headers]
+        self.key_headers = sorted({h.lower() for h in self.key_headers})
+        if len(self.key_headers) > MAX_KEY_HEADERS:
+            raise ConfigError(
+                f"cache.key_headers: expected at most {MAX_KEY_HEADERS} names, "
+                f"got {len(self.key_headers)}"
+            )
         self.unkeyed_headers = [h.lower() for h in self.unkeyed_headers]
         self.tag_header = self.tag_header.lower()
         CacheConfig(namespace=self.namespace)  # same namespace rules

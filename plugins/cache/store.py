@@ -30,7 +30,7 @@ from .http import (
 )
 from .settings import CacheSettings
 
-__all__ = ["Judgement", "Route", "build_stored", "judge", "revalidate"]
+__all__ = ["Judgement", "Route", "build_stored", "duplicated", "judge", "revalidate"]
 
 _READ_BASE = {
     b"authorization": 0,
@@ -43,7 +43,8 @@ _READ_BASE = {
     b"if-range": 7,
     b"host": 8,
 }
-_UNKEYED = 100
+UNKEYED_KIND = 15  # a header frameworks trust that is not in the key: bypass
+_KEYED = 16  # key_headers get kinds 16, 17, ...: each its own bit for duplicate checks
 _INCOMPRESSIBLE = ("image/", "video/", "audio/", "font/woff", "application/zip", "application/gzip")
 _CONDITIONAL = frozenset(
     {b"if-none-match", b"if-modified-since", b"range", b"if-range", b"cache-control", b"pragma"}
@@ -58,10 +59,16 @@ class Route:
     def __init__(self, settings: CacheSettings) -> None:
         self.settings = settings
         keyed = set(settings.key_headers)
+        # Every header the lookup reads, by kind; a kind seen twice in a request bypasses
+        # the cache (frameworks read the first of a repeated header, a joined value or
+        # the last: the key must not be built from one and the response from another).
         self.read = dict(_READ_BASE)
         for name in settings.unkeyed_headers:
             if name not in keyed:
-                self.read[name.encode("latin-1")] = _UNKEYED
+                self.read[name.encode("latin-1")] = UNKEYED_KIND
+        for i, name in enumerate(sorted(keyed)):
+            self.read.setdefault(name.encode("latin-1"), _KEYED + i)
+        self.sort_query = settings.sort_query
         self.by_auth = "authorization" in keyed
         self.by_cookie = "cookie" in keyed
         self.key_headers = tuple(sorted(keyed))
@@ -73,7 +80,7 @@ class Route:
     # -- keys ------------------------------------------------------------------------
 
     def base_key(self, raw_path: bytes, query: bytes, host: bytes) -> str:
-        q = normalize_query(query, self.ignore)
+        q = normalize_query(query, self.ignore, self.sort_query)
         key = "GET " + raw_path.decode("latin-1") + "?" + q.decode("latin-1") + "\n"
         key += host.lower().decode("latin-1")
         if len(key) > MAX_KEY:  # bounded keys; the path's start stays readable for prefixes
@@ -135,6 +142,20 @@ class Route:
         """The leader's response headers as a follower may get them."""
         drop = self.drop - {b"content-length"}
         return [(k, v) for k, v in headers if k.lower() not in drop]
+
+
+def duplicated(raw_headers: list[tuple[bytes, bytes]], names: tuple[str, ...]) -> bool:
+    """Whether one of `names` (lower-case) comes more than once in the request."""
+    if not names:
+        return False
+    wanted = {n.encode("latin-1", "replace") for n in names}
+    seen: set[bytes] = set()
+    for name, _ in raw_headers:
+        if name in wanted:
+            if name in seen:
+                return True
+            seen.add(name)
+    return False
 
 
 class Judgement:

@@ -143,6 +143,16 @@ class MemoryTier:
         self.bytes = 0
 
 
+def _is_reply_error(exc: BaseException) -> bool:
+    """An error reply from a live server (redis-py's ResponseError and its subclasses),
+    as opposed to a connection fault or a timeout."""
+    try:
+        from redis.exceptions import ResponseError
+    except ImportError:  # pragma: no cover - redis is a dependency of the Redis tier
+        return False
+    return isinstance(exc, ResponseError)
+
+
 def make_redis_client(url: str, timeout: float, max_connections: int = 512) -> Any:
     """A `redis.asyncio` client that fails fast (our back-off, not redis-py's retries)."""
     import redis.asyncio as aioredis
@@ -180,6 +190,8 @@ class RedisTier:
         self.hits = 0
         self.misses = 0
         self.corrupt = 0
+        self.refused = 0  # commands Redis answered with an error reply (it is up)
+        self.refused_last = False  # the last command got an error reply, not a fault
         self.down_until = 0.0
         self._backoff = config.redis_retry_after
         self.last_error = ""
@@ -197,8 +209,17 @@ class RedisTier:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if _is_reply_error(exc):
+                # Redis answered, with an error about this command (WRONGTYPE on one
+                # key, OOM while full, READONLY replica): Redis is up. The caller
+                # gets FAULT for this command only; nothing else is switched off.
+                self.refused += 1
+                self.refused_last = True
+                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                return FAULT
             self.fault(exc)
             return FAULT
+        self.refused_last = False
         if self.down_until:
             logger.info("redis is back", after_errors=self.errors)
             self.down_until = 0.0
@@ -233,6 +254,7 @@ class RedisTier:
             "hit_rate": self.hits / lookups if lookups else 0.0,
             "errors": self.errors,
             "corrupt": self.corrupt,
+            "refused": self.refused,
             "available": self.available,
             "last_error": self.last_error,
         }
