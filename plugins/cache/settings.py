@@ -126,10 +126,7 @@ class CacheSettings:
     stale_while_revalidate: int = 0  # (route) seconds, when the response names none
     stale_if_error: int = 0  # (route) seconds, when the response names none
     wait_timeout: float = 30.0  # how long concurrent misses wait for the first one
-    uncacheable_ttl: float = 30.0  # a URL that answered uncacheable is not collapsed this long
-    max_uncacheable: int = 10_000  # URLs remembered as uncacheable (oldest forgotten first)
     memory_ttl: float | None = None  # cap on how long a Redis entry lives in this worker's memory
-    trust_dependencies: bool = False  # (route) FastAPI: do not key on what dependencies read
     lock_ttl: float = 30.0  # the cross-worker single-flight lock in Redis
     redis_timeout: float = 0.25
     compression: bool = True
@@ -139,8 +136,6 @@ class CacheSettings:
         _positive("cache.max_bytes", self.max_bytes)
         _positive("cache.max_entry_bytes", self.max_entry_bytes)
         _positive("cache.wait_timeout", self.wait_timeout)
-        _positive("cache.uncacheable_ttl", self.uncacheable_ttl)
-        _positive("cache.max_uncacheable", self.max_uncacheable)
         _positive("cache.memory_ttl", self.memory_ttl, allow_none=True)
         _positive("cache.lock_ttl", self.lock_ttl)
         _positive("cache.redis_timeout", self.redis_timeout)
