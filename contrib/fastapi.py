@@ -22,9 +22,10 @@ from fastapi import Depends, HTTPException, Request
 
 from overdrive.context import RequestContext
 from overdrive.host import Overdrive
+from overdrive.middleware.dependencies import READS_ATTR
 from overdrive.middleware.endpoints import POLICY_ATTR
 
-__all__ = ["OverdriveContext", "OverdriveHost", "get_context", "get_host", "policy"]
+__all__ = ["OverdriveContext", "OverdriveHost", "get_context", "get_host", "policy", "reads"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,6 +45,29 @@ def policy(**plugins: Mapping[str, Any]) -> Callable[[F], F]:
         merged.update({name: dict(table) for name, table in plugins.items()})
         setattr(endpoint, POLICY_ATTR, merged)
         return endpoint
+
+    return mark
+
+
+def reads(*headers: str) -> Callable[[F], F]:
+    """Declare the request headers a dependency that takes the `Request` reads.
+
+    A cache hit skips FastAPI's dependencies, so at startup a cached endpoint
+    is keyed on what its dependencies read (`Header`, `Cookie`, security
+    schemes); a dependency that takes the whole `Request` is opaque and its
+    endpoint is refused unless it says what it reads::
+
+        @reads("x-api-key")
+        async def verify_key(request: Request) -> None: ...
+
+    ``@reads()`` declares that it reads no header (it checks the path, the app
+    state, ...).
+    """
+    names = tuple(h.lower() for h in headers)
+
+    def mark(dependency: F) -> F:
+        setattr(dependency, READS_ATTR, names)
+        return dependency
 
     return mark
 
@@ -68,6 +92,10 @@ def get_host(request: Request) -> Overdrive:
     assert host is not None
     return host
 
+
+# Ours take the Request for its scope, never for a header.
+setattr(get_context, READS_ATTR, ())
+setattr(get_host, READS_ATTR, ())
 
 OverdriveContext = Annotated[RequestContext, Depends(get_context)]
 OverdriveHost = Annotated[Overdrive, Depends(get_host)]

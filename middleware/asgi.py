@@ -23,6 +23,7 @@ from overdrive.context import CapturedResponse, Lease, RequestContext
 from overdrive.errors import OverdriveError, PluginFailure
 from overdrive.host import Overdrive
 
+from .dependencies import cache_rules
 from .endpoints import endpoint_rules, find_routes
 from .lifespan import run_lifespan, start_on_request
 from .request_id import is_sane, new_request_id
@@ -73,7 +74,18 @@ class OverdriveMiddleware:
     async def _startup(self) -> None:
         """Once: turn endpoint-declared policies into route rules, then start the host."""
         if not self._prepared:
-            rules = endpoint_rules(find_routes(self.app))
+            routes = find_routes(self.app)
+            rules = endpoint_rules(routes)
+            cache = self.host.get_plugin("cache")
+            if cache is not None:
+                # A hit skips FastAPI's dependencies: key on what they read, or refuse.
+                explicit = {
+                    r["path"]: r["cache"] for r in rules if isinstance(r.get("cache"), dict)
+                }
+                trusted = bool(
+                    getattr(getattr(cache, "settings", None), "trust_dependencies", False)
+                )
+                rules += cache_rules(routes, explicit, trusted)
             if rules:
                 self.host.add_routes(rules, first=True)  # raises on a bad policy: no start
             self._prepared = True

@@ -71,6 +71,7 @@ class CacheConfig:
     namespace: str = "overdrive"  # Redis keys: "<namespace>:<key>"
     redis_timeout: float = 0.25  # seconds per Redis command; past it the command is a fault
     redis_retry_after: float = 1.0  # after a fault, Redis is skipped this long (doubles to 30 s)
+    trust_dependencies: bool = False  # (route) FastAPI: hits may skip what dependencies check
     memory_ttl: float | None = None  # cap on how long a Redis value lives in memory
     max_value_bytes: int = 64 * 2**20  # refuse to store or decompress more than this
     invalidation_channel: bool = True  # pub/sub so other workers drop invalidated keys
@@ -126,6 +127,7 @@ class CacheSettings:
     stale_while_revalidate: int = 0  # (route) seconds, when the response names none
     stale_if_error: int = 0  # (route) seconds, when the response names none
     wait_timeout: float = 30.0  # how long concurrent misses wait for the first one
+    trust_dependencies: bool = False  # (route) FastAPI: hits may skip what dependencies check
     memory_ttl: float | None = None  # cap on how long a Redis entry lives in this worker's memory
     lock_ttl: float = 30.0  # the cross-worker single-flight lock in Redis
     redis_timeout: float = 0.25
