@@ -11,6 +11,12 @@ Redis, never pickle. A value neither can encode (a model, a tensor) stays in
 memory only. A Redis hit backfills memory. Invalidation (`delete`,
 `invalidate_prefix`, `invalidate_tags`, `clear`) reaches the other workers'
 memory tiers through a Redis pub/sub channel.
+
+A worker whose listener lost its connection is deaf: invalidations published
+meanwhile never reach it. Until it has subscribed again it does not trust its
+memory tier while Redis answers (reads go to Redis; a Redis miss drops the
+memory copy), and once it has subscribed again it drops the memory tier, since
+any entry in it may have been invalidated while it was not listening.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ __all__ = ["AsyncCache"]
 
 logger = structlog.get_logger("overdrive.cache")
 _MISSING: Any = object()
+_FAULTED: Any = object()  # _get_redis: Redis did not answer (as opposed to a miss)
 
 
 class AsyncCache:
@@ -85,6 +92,14 @@ class AsyncCache:
         self._flights: dict[str, asyncio.Future[Any]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
+        # Deaf: the invalidation listener lost its subscription (see the module doc).
+        # `_epoch` counts resubscriptions: a Redis read that started before one may
+        # not fill memory after it.
+        self._deaf = False
+        self._ever_subscribed = False
+        self._epoch = 0
+        self._wake: asyncio.Event | None = None
+        self.resyncs = 0
         self._closed = False
         self.hits = 0
         self.memory_hits = 0
@@ -98,8 +113,14 @@ class AsyncCache:
     # -- reading ---------------------------------------------------------------------
 
     def get_local(self, key: str, now: float | None = None, *, count_miss: bool = True) -> Any:
-        """The memory tier's value or `None`, synchronously (hot paths use this first)."""
+        """The memory tier's value or `None`, synchronously (hot paths use this first).
+
+        `None` too while the invalidation listener is deaf and Redis is reachable:
+        the caller then asks `get`, which reads Redis.
+        """
         entry = self.memory.get(key, time.time() if now is None else now)
+        if entry is not None and self._deaf and self._distrust():
+            return None
         if entry is None:
             if count_miss:
                 self.misses += 1
@@ -111,27 +132,51 @@ class AsyncCache:
     async def get(self, key: str, default: Any = None) -> Any:
         now = time.time()
         entry = self.memory.get(key, now)
-        if entry is not None:
+        if entry is not None and not (self._deaf and self._distrust()):
             self.hits += 1
             self.memory_hits += 1
             return entry.value
         if self.redis is not None:
             value = await self._get_redis(key, now)
-            if value is not _MISSING:
+            if value is not _MISSING and value is not _FAULTED:
                 self.hits += 1
                 return value
+            if entry is not None:
+                if value is _FAULTED:
+                    # Redis is down: nobody can invalidate through it; serve memory.
+                    self.hits += 1
+                    self.memory_hits += 1
+                    return entry.value
+                self.memory.delete(key)  # deaf, and not in Redis: maybe invalidated
         self.misses += 1
         return default
+
+    def _distrust(self) -> bool:
+        """Deaf: True while Redis is reachable (then memory is not to be trusted); the
+        listener is woken so that it subscribes now rather than after its back-off."""
+        redis = self.redis
+        if redis is None or not redis.available:
+            return False  # Redis is down: memory is all there is, and nothing can be missed
+        if self._wake is not None:
+            self._wake.set()
+        return True
 
     async def _get_redis(self, key: str, now: float) -> Any:
         redis = self.redis
         assert redis is not None
         self._ensure_listener()
+        epoch = self._epoch
         raw = await redis.call(redis.client.get, self._rkey(key))
-        if raw is FAULT or raw is None:
-            if raw is FAULT and redis.refused_last:  # WRONGTYPE: a bad entry, not Redis down
+        if raw is FAULT:
+            redis.misses += 1
+            if redis.refused_last:  # WRONGTYPE: a bad entry, not Redis down
                 redis.corrupt += 1
                 logger.warning("unreadable cache entry treated as a miss", key=key[:200])
+                return _MISSING
+            return _FAULTED
+        if self._deaf and self._wake is not None:
+            self._wake.set()  # Redis answers: the listener may subscribe again now
+        if raw is None:
             redis.misses += 1
             return _MISSING
         try:
@@ -146,6 +191,8 @@ class AsyncCache:
             redis.misses += 1
             return _MISSING
         redis.hits += 1
+        if self._deaf or epoch != self._epoch:
+            return value  # read while deaf: an invalidation may follow unheard; not kept
         mem_exp = expires_at
         if self.config.memory_ttl is not None:
             cap = now + self.config.memory_ttl
@@ -375,6 +422,19 @@ class AsyncCache:
         except (ValueError, TypeError, AttributeError):
             logger.warning("ignored a malformed invalidation message")
 
+    def _on_subscribed(self) -> None:
+        if self.redis is not None:
+            self.redis.back()  # reachable: reads need not wait out their back-off
+        if self._deaf or self._ever_subscribed:
+            # Whatever memory holds may have been invalidated while we were not listening.
+            self.memory.clear()
+            self.resyncs += 1
+            logger.info("invalidation listener back: memory tier dropped", resyncs=self.resyncs)
+        self._epoch += 1
+        self._deaf = False
+        self._ever_subscribed = True
+        self._subscribed.set()
+
     def _ensure_listener(self) -> None:
         if (
             self._listener is None
@@ -387,25 +447,40 @@ class AsyncCache:
     async def _listen(self) -> None:
         redis = self.redis
         assert redis is not None
-        delay = self.config.redis_retry_after
+        self._wake = wake = asyncio.Event()
         # `_closed` as well as cancellation: redis-py may swallow a cancel while connecting.
         while not self._closed:
             pubsub = None
             try:
                 pubsub = redis.client.pubsub()
                 await pubsub.subscribe(self._channel)
-                self._subscribed.set()
-                delay = self.config.redis_retry_after
                 while not self._closed:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
-                    if message is not None and message.get("type") == "message":
+                    message = await pubsub.get_message(timeout=0.5)
+                    if message is None:
+                        continue
+                    kind = message.get("type")
+                    if kind == "message":
                         self._apply(message["data"])
+                    elif kind == "subscribe":
+                        # Confirmed: every invalidation published from now on reaches us.
+                        # (Also after a reconnect redis-py made by itself, re-subscribing.)
+                        self._on_subscribed()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                logger.debug("invalidation listener reconnecting", error=str(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.config.redis_retry_after * 16)
+                if not self._deaf:
+                    logger.warning(
+                        "invalidation listener lost: memory tier not trusted until it is back",
+                        error=str(exc)[:300],
+                    )
+                self._deaf = True
+                # Try again every `redis_retry_after` (no doubling: while deaf, the sooner
+                # we hear again the sooner memory is trusted), or at once when a Redis
+                # command succeeds.
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.config.redis_retry_after):
+                        await wake.wait()
             finally:
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
@@ -458,6 +533,8 @@ class AsyncCache:
             },
             "errors": self.redis.errors if self.redis is not None else 0,
         }
+        if self.redis is not None and self.config.invalidation_channel:
+            stats["invalidation_listener"] = {"listening": not self._deaf, "resyncs": self.resyncs}
         if self.redis is not None:
             stats["redis"] = self.redis.stats()
             stats["redis"]["memory_only_values"] = self.memory_only

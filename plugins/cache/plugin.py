@@ -39,6 +39,11 @@ _AUTH, _COOKIE, _CC, _PRAGMA, _INM, _IMS, _RANGE, _IF_RANGE, _HOST = range(9)
 _UNLOCK = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 )
+# Extend the lock's lease only if it is still ours; 0 when another worker holds it now.
+_RENEW = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then "
+    "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+)
 
 
 def tag_response(ctx: RequestContext, *tags: str) -> None:
@@ -75,6 +80,9 @@ class CachePlugin(Plugin):
         self._flights: dict[str, Flight] = {}
         self._refreshing: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Cross-worker locks this worker holds: lock key -> (token, renew until, lease).
+        self._held: dict[bytes, tuple[bytes, float, float]] = {}
+        self._renewer: asyncio.Task[None] | None = None
         self.counts = dict.fromkeys((HIT, MISS, STALE, BYPASS, "stored", "not_stored"), 0)
         self.counts.update(collapsed=0, revalidations=0, not_modified=0, partial=0)
 
@@ -320,17 +328,19 @@ class CachePlugin(Plugin):
         delay = 0.01
         waited = False
         while True:
+            # A short lease, renewed while we lead (`_renew`): if this process dies, the
+            # lock lapses within a lease and exactly one waiter's SET NX takes over.
             got = await redis.call(
-                redis.client.set, lock_key, token, nx=True, px=int(s.lock_ttl * 1000)
+                redis.client.set, lock_key, token, nx=True, px=int(s.lock_lease * 1000)
             )
             if got is not None:  # True, or FAULT: Redis is down, lead locally
                 if got is True:
                     miss.lock, miss.token = lock_key, token
+                    self._hold(lock_key, token, s)
                     if waited:  # the holder stores before it unlocks: look once more
                         found = await self._find_remote(miss.key, ctx)
                         if found is not None and found.age(time.time()) < found.fresh_for:
-                            await redis.call(redis.client.eval, _UNLOCK, 1, lock_key, token)
-                            miss.lock = None
+                            await self._unlock(miss)
                             return found
                 return None
             waited = True
@@ -341,6 +351,44 @@ class CachePlugin(Plugin):
                 return found
             if time.monotonic() >= deadline:
                 return None
+
+    def _hold(self, lock_key: bytes, token: bytes, s: CacheSettings) -> None:
+        self._held[lock_key] = (token, time.monotonic() + s.lock_ttl, s.lock_lease)
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(self._renew())
+            self._tasks.add(self._renewer)
+            self._renewer.add_done_callback(self._tasks.discard)
+
+    async def _unlock(self, miss: _Miss) -> None:
+        lock = miss.lock
+        if lock is None:
+            return
+        miss.lock = None
+        self._held.pop(lock, None)
+        if self.cache is not None and self.cache.redis is not None:
+            redis = self.cache.redis
+            await redis.call(redis.client.eval, _UNLOCK, 1, lock, miss.token)
+
+    async def _renew(self) -> None:
+        """Extend each held lock's lease every third of it, while any is held.
+
+        A lock held past its `lock_ttl` is no longer renewed (a leader that hangs
+        lets another take over), nor is one that another worker holds now.
+        """
+        cache = self.cache
+        assert cache is not None and cache.redis is not None
+        redis = cache.redis
+        while self._held:
+            await asyncio.sleep(min(lease for _, _, lease in self._held.values()) / 3)
+            now = time.monotonic()
+            for lock, (token, until, lease) in list(self._held.items()):
+                if now >= until:
+                    self._held.pop(lock, None)
+                    continue
+                px = int(lease * 1000)
+                renewed = await redis.call(redis.client.eval, _RENEW, 1, lock, token, px)
+                if renewed == 0 and self._held.get(lock, (b"",))[0] == token:
+                    self._held.pop(lock, None)  # lapsed (a stall) and taken: not ours now
 
     @hookimpl
     def on_response_start(
@@ -426,10 +474,7 @@ class CachePlugin(Plugin):
         miss = ctx.state.get("cache")
         if miss is not None:
             self._end_flight(miss, failed=True)  # a no-op when the body completed
-            if miss.lock is not None and self.cache is not None and self.cache.redis is not None:
-                redis = self.cache.redis
-                await redis.call(redis.client.eval, _UNLOCK, 1, miss.lock, miss.token)
-                miss.lock = None
+            await self._unlock(miss)
 
     def _end_flight(self, miss: _Miss, failed: bool) -> None:
         flight = miss.flight

@@ -129,7 +129,11 @@ class CacheSettings:
     wait_timeout: float = 30.0  # how long concurrent misses wait for the first one
     trust_dependencies: bool = False  # (route) FastAPI: hits may skip what dependencies check
     memory_ttl: float | None = None  # cap on how long a Redis entry lives in this worker's memory
-    lock_ttl: float = 30.0  # the cross-worker single-flight lock in Redis
+    # The cross-worker single-flight lock lives `lock_lease` unless its holder renews it
+    # (every third of it, for at most `lock_ttl`): a leader that dies lets one waiting
+    # worker take over within a lease.
+    lock_ttl: float = 30.0  # longest a leader keeps the cross-worker lock (renewing it)
+    lock_lease: float = 2.0  # seconds the cross-worker lock outlives its last renewal
     redis_timeout: float = 0.25
     compression: bool = True
 
@@ -140,6 +144,12 @@ class CacheSettings:
         _positive("cache.wait_timeout", self.wait_timeout)
         _positive("cache.memory_ttl", self.memory_ttl, allow_none=True)
         _positive("cache.lock_ttl", self.lock_ttl)
+        _positive("cache.lock_lease", self.lock_lease)
+        if self.lock_lease < self.redis_timeout * 4:
+            raise ConfigError(
+                f"cache.lock_lease: expected >= 4 x redis_timeout ({self.redis_timeout * 4}) "
+                f"so that renewals arrive in time, got {self.lock_lease!r}"
+            )
         _positive("cache.redis_timeout", self.redis_timeout)
         for name in ("default_ttl", "ttl"):
             value = getattr(self, name)

@@ -221,10 +221,15 @@ class RedisTier:
             return FAULT
         self.refused_last = False
         if self.down_until:
+            self.back()
+        return result
+
+    def back(self) -> None:
+        """Redis answered (a command, or the invalidation listener subscribing): no back-off."""
+        if self.down_until:
             logger.info("redis is back", after_errors=self.errors)
             self.down_until = 0.0
             self._backoff = self.config.redis_retry_after
-        return result
 
     def fault(self, exc: BaseException) -> None:
         self.errors += 1

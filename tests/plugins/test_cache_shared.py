@@ -184,6 +184,22 @@ async def test_concurrent_misses_on_two_workers_make_one_app_call(
     assert {r.text for r in responses} == {"first chunk;render 1"}
 
 
+async def test_a_leader_slower_than_the_lock_lease_renews_it(
+    redis_url: str, namespace: str
+) -> None:
+    """The cross-worker lock is a short lease its holder renews (issue 16, item 6): a
+    render three times longer than the lease still makes one app call."""
+    app = App(delay=3.0)
+    cfg = settings(redis_url=redis_url, namespace=namespace, lock_lease=1.0)
+    async with serve(app.starlette(), config=cfg) as a, serve(app.starlette(), config=cfg) as b:
+        first = asyncio.ensure_future(a.client.get("/render"))
+        await until(lambda: app.calls == 1)
+        second = await b.client.get("/render")
+        assert (await first).text == second.text == "first chunk;render 1"
+        await a.host.cache.clear()
+    assert app.calls == 1
+
+
 async def test_corrupt_entry_in_redis_is_a_miss(redis_url: str, namespace: str) -> None:
     app = App()
     raw = aioredis.from_url(redis_url)
@@ -247,3 +263,63 @@ async def test_redis_paused_mid_run_no_request_fails(private_redis: RedisServer)
                     assert r.status_code == 200
         finally:
             private_redis.cont()
+
+
+# -- invalidations across a reconnect (issue 16, item 8) -------------------------------------
+
+
+async def _two_workers_holding_render_1(a: Any, b: Any) -> None:
+    assert (await a.client.get("/render")).text == "first chunk;render 1"
+    assert (await b.client.get("/render")).headers["x-cache"] == "HIT"  # from Redis
+    b_memory = b.host.cache.memory_hits
+    assert (await b.client.get("/render")).headers["x-cache"] == "HIT"
+    assert b.host.cache.memory_hits == b_memory + 1  # B holds render 1 in memory
+
+
+async def _redis_answers(cache: Any) -> bool:
+    return await cache.redis.call(cache.redis.client.ping) is True
+
+
+async def test_an_invalidation_right_after_a_redis_restart_reaches_every_worker(
+    private_redis: RedisServer,
+) -> None:
+    """Reads and writes came back before the listener's back-off ended: an invalidation
+    made then was lost, and the other worker served the old copy for as long as it lived."""
+    app = App(delay=0, headers={"cache-control": "max-age=600", "x-cache-tags": "video:1"})
+    cfg = settings(redis_url=private_redis.url)
+    async with serve(app.starlette(), config=cfg) as a, serve(app.starlette(), config=cfg) as b:
+        await _two_workers_holding_render_1(a, b)
+        private_redis.kill()
+        private_redis.start()  # same port, empty
+        assert await until(lambda: _redis_answers(a.host.cache))
+        await asyncio.sleep(0.1)  # B's listener reads the end of its connection
+        await a.host.cache.invalidate_tags(["video:1"])  # published while B is not listening
+        answers = [(await b.client.get("/render")).text for _ in range(5)]
+        assert "first chunk;render 1" not in answers
+        # B subscribes again at once (its Redis reads wake it) and trusts memory again.
+        assert await until(lambda: b.host.cache.get_stats()["invalidation_listener"]["listening"])
+        assert b.host.cache.resyncs == 1
+        await b.client.get("/render")
+        hits = b.host.cache.memory_hits
+        assert (await b.client.get("/render")).headers["x-cache"] == "HIT"
+        assert b.host.cache.memory_hits == hits + 1
+
+
+async def test_a_worker_whose_subscription_dropped_drops_what_it_may_have_missed(
+    private_redis: RedisServer,
+) -> None:
+    """Redis stays up; only B's pub/sub connection is cut (a proxy, a CLIENT KILL)."""
+    app = App(delay=0, headers={"cache-control": "max-age=600", "x-cache-tags": "video:1"})
+    cfg = settings(redis_url=private_redis.url)
+    async with serve(app.starlette(), config=cfg) as a, serve(app.starlette(), config=cfg) as b:
+        await _two_workers_holding_render_1(a, b)
+        raw = aioredis.from_url(private_redis.url)
+        try:
+            assert await raw.client_kill_filter(_type="pubsub") == 2  # A's and B's listeners
+        finally:
+            await raw.aclose()
+        await asyncio.sleep(0.1)  # the listeners read the end of their connections
+        await a.host.cache.invalidate_tags(["video:1"])
+        answers = [(await b.client.get("/render")).text for _ in range(5)]
+        assert "first chunk;render 1" not in answers
+        assert set(answers) == {"first chunk;render 2"}
