@@ -255,7 +255,9 @@ class AsyncCache:
             if self.config.memory_ttl is not None:
                 cap = now + self.config.memory_ttl
                 mem_exp = min(mem_exp, cap) if mem_exp else cap
-            self.memory.set(key, value, mem_exp, size, tag_tuple)
+            # Memory holds the object, not its encoding: count whichever is larger.
+            held = size if payload is value else max(size, size_of(value))
+            self.memory.set(key, value, mem_exp, held, tag_tuple)
         if self.redis is None:
             return True
         if payload is None:

@@ -8,7 +8,8 @@ hit costs one dict lookup plus the policy's bookkeeping and nothing else:
 - `SieveStore`: SIEVE (Zhang et al., NSDI 2024): a FIFO queue with one
   "visited" bit and a hand; hits only set the bit, so they never reorder.
 - `S3FIFOStore`: S3-FIFO (Yang et al., SOSP 2023): a small probationary FIFO,
-  a main FIFO with 2-bit frequencies and a ghost FIFO of recently evicted keys.
+  a main FIFO with 2-bit frequencies and a ghost FIFO of recently evicted keys
+  (their hashes: at most one per live entry, counted in `ENTRY_OVERHEAD`).
   One-hit wonders and scans leave through the small queue without touching
   the main one. The default: best or equal-best in `benchmarks/eviction.py`.
 
@@ -232,7 +233,10 @@ class S3FIFOStore(Store):
         self._freq: dict[Hashable, int] = {}
         self._small: OrderedDict[Hashable, None] = OrderedDict()
         self._main: OrderedDict[Hashable, None] = OrderedDict()
-        self._ghost: OrderedDict[Hashable, None] = OrderedDict()
+        # Ghosts are the evicted keys' hashes, not the keys: a ghost costs the same
+        # whatever the key's length (a 2 KB URL is not kept alive after its entry),
+        # and a collision only sends one new key to the main queue early.
+        self._ghost: OrderedDict[int, None] = OrderedDict()
         self._ratio = small_ratio
 
     def get(self, key: Hashable, default: Any = None) -> Any:
@@ -253,8 +257,9 @@ class S3FIFOStore(Store):
             return
         self._d[key] = value
         self._freq[key] = 0
-        if key in self._ghost:
-            del self._ghost[key]
+        ghost_key = hash(key)
+        if ghost_key in self._ghost:
+            del self._ghost[ghost_key]
             self._main[key] = None
         else:
             self._small[key] = None
@@ -279,7 +284,7 @@ class S3FIFOStore(Store):
                     main[key] = None
                     continue
                 ghost = self._ghost
-                ghost[key] = None
+                ghost[hash(key)] = None
                 while len(ghost) > max(len(self._d), 1):
                     ghost.popitem(last=False)
             else:

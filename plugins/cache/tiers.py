@@ -22,7 +22,7 @@ import structlog
 from .policies import make_store
 from .settings import CacheConfig
 
-__all__ = ["FAULT", "Entry", "MemoryTier", "RedisTier", "make_redis_client"]
+__all__ = ["ENTRY_OVERHEAD", "FAULT", "Entry", "MemoryTier", "RedisTier", "make_redis_client"]
 
 logger = structlog.get_logger("overdrive.cache")
 FAULT: Any = object()  # what RedisTier.call returns instead of raising
@@ -36,6 +36,23 @@ class Entry:
         self.expires_at = expires_at  # epoch seconds; 0: never
         self.size = size
         self.tags = tags
+
+
+#: Bytes the memory tier spends per entry besides the key and the value, measured with
+#: tracemalloc (benchmarks/cache_memory.py): the `Entry`, its expiry float, the
+#: policy's bookkeeping (S3-FIFO: the key dict, the frequency dict, its queue's node
+#: and at most one ghost; the other policies spend less) and dict growth slack.
+ENTRY_OVERHEAD = 400
+TAG_OVERHEAD = 80  # per tag of an entry: its slot in the tag index's set
+
+
+def key_size(key: Hashable) -> int:
+    """What a key costs: a str is counted by length (49 bytes of object header)."""
+    if isinstance(key, str):
+        return len(key) + 49 if key.isascii() else sys.getsizeof(key)
+    if isinstance(key, bytes):
+        return len(key) + 33
+    return sys.getsizeof(key)
 
 
 def size_of(value: Any) -> int:
@@ -78,6 +95,9 @@ class MemoryTier:
         tags: tuple[str, ...] = (),
     ) -> bool:
         config = self.config
+        # `max_bytes` bounds what the process holds: the key and the per-entry
+        # objects count, not the value alone.
+        size += key_size(key) + ENTRY_OVERHEAD + TAG_OVERHEAD * len(tags)
         if size > config.max_bytes:
             self.delete(key)
             return False

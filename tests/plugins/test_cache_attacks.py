@@ -314,3 +314,37 @@ async def test_a_repeated_header_check_costs_nothing_on_a_plain_request() -> Non
         await raw_get(h.app, "/p", [host])
         r = await raw_get(h.app, "/p", [host, (b"accept", b"a"), (b"accept", b"b")])
         assert r["headers"]["x-cache"] == "HIT"
+
+
+# -- the byte budget ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url_len", [40, 1800])
+async def test_max_bytes_bounds_what_the_process_holds(url_len: int) -> None:
+    """Keys, ghosts and per-entry objects count: traced growth stays within 1.5x max_bytes
+    (the old accounting counted bodies and headers only: 2.7x at 40-byte URLs, 6.5x at
+    1.8 KB; benchmarks/cache_memory.py measures RSS at 100,000 URLs)."""
+    import gc
+    import tracemalloc
+
+    budget = 1 << 20
+    n = Counter()
+    cfg = config(max_bytes=budget, max_entries=1_000_000, max_entry_bytes=budget)
+    async with serve(app_with(n, **{"{rest:path}": CACHEABLE}), config=cfg) as h:
+        host = [(b"host", b"testserver")]
+        for i in range(50):  # warm up what any request allocates once
+            await raw_get(h.app, f"/warm/{i}", host)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(3000):
+                head = f"/v/{i:06d}/"
+                await raw_get(h.app, head + "a" * max(url_len - len(head), 0), host)
+            gc.collect()
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        mem = h.host.get_plugin("cache").cache.memory
+        assert grown <= 1.5 * budget, f"{grown / budget:.2f}x max_bytes"
+        assert mem.bytes <= budget and mem.evictions > 0
