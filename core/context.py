@@ -6,7 +6,7 @@ is slotted and everything optional in it is created lazily.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 Headers = list[tuple[bytes, bytes]]
 BodyObserver = Callable[[bytes, bool], None]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+ProgressSink = Callable[[float, str], None]
 
 
 @dataclass(slots=True)
@@ -87,6 +89,7 @@ class RequestContext:
         "path",
         "policy",
         "raw_headers",
+        "receive",
         "request_id",
         "response_headers",
         "response_started",
@@ -117,6 +120,9 @@ class RequestContext:
     #: extension ``"overdrive.internal"``: not client traffic, so rate limits,
     #: metrics and logs leave it out.
     internal: bool = False
+    #: Set by a plugin that runs this request as a job (the ``jobs`` plugin): where
+    #: `progress` reports go. None: `progress` does nothing.
+    progress_sink: ProgressSink | None = None
 
     def __init__(
         self,
@@ -124,8 +130,13 @@ class RequestContext:
         request_id: str,
         policy: RoutePolicy,
         host: Overdrive | None = None,
+        receive: Receive | None = None,
     ) -> None:
         self.scope = scope
+        #: The ASGI receive the app will be given. A `before_request` plugin that must
+        #: read the body first (an idempotency fingerprint, a job's captured request)
+        #: reads it here and replaces it with one that replays what it read.
+        self.receive = receive
         self.method: str = scope.get("method", "GET")
         self.path: str = scope.get("path", "/")
         self.raw_headers: Headers = scope.get("headers") or []
@@ -203,6 +214,16 @@ class RequestContext:
         if self.t_end:
             out["total"] = self.t_end - self.t_start
         return out
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        """Report how far this request's work is (0..1) and what it is doing.
+
+        A request run as a job (the ``jobs`` plugin) shows it on its status monitor;
+        anywhere else this does nothing, so an endpoint may call it unconditionally.
+        """
+        sink = self.progress_sink
+        if sink is not None:
+            sink(fraction, message)
 
     def get_header(self, name: str) -> str | None:
         """One request header by lower-case name, or None."""

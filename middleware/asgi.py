@@ -141,7 +141,7 @@ class OverdriveMiddleware:
             if routes.rules
             else routes.default
         )
-        ctx = RequestContext(scope, request_id, policy, host)
+        ctx = RequestContext(scope, request_id, policy, host, receive)
         scope["overdrive.ctx"] = ctx
         extensions = scope.get("extensions")
         if extensions and "overdrive.internal" in extensions:
@@ -188,6 +188,7 @@ class OverdriveMiddleware:
                 if type(response) is CoroutineType:
                     response = await response
                 ctx.t_admitted = perf_counter()
+                receive = ctx.receive  # type: ignore[assignment]  # a plugin may replay a body it read
             if response is None and chains.get("cache_lookup"):
                 response = host.first("cache_lookup", ctx)
                 if type(response) is CoroutineType:
