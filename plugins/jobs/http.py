@@ -85,7 +85,9 @@ def parse_prefer(values: list[bytes]) -> Preferences:
 
 def _split(text: str) -> list[str]:
     """Split on commas outside double quotes."""
-    out, cur, quoted = [], [], False
+    out: list[str] = []
+    cur: list[str] = []
+    quoted = False
     for ch in text:
         if ch == '"':
             quoted = not quoted
