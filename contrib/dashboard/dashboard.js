@@ -140,6 +140,20 @@
       if (q !== null) out["queue depth"] = q;
       return out;
     } },
+    { id: "jobs", title: "Jobs by state", unit: "", extract: (s) => {
+      const j = get(s, "jobs.jobs");
+      if (!j || typeof j !== "object") return null;
+      const out = {};
+      ["queued", "running", "failed", "cancelled"].forEach((k) => { if (num(j[k]) !== null) out[k] = j[k]; });
+      return out;
+    } },
+    { id: "jobwait", title: "Job queue wait p95 by tenant (s)", unit: "s", extract: (s) => {
+      const w = get(s, "jobs.wait_by_tenant");
+      if (!w || typeof w !== "object") return null;
+      const out = {};
+      Object.keys(w).slice(0, 8).forEach((t) => { const v = num(w[t] && w[t].p95); if (v !== null) out[t] = v; });
+      return Object.keys(out).length ? out : null;
+    } },
     { id: "memory", title: "Memory", unit: "", extract: memory },
   ];
 

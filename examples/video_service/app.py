@@ -329,8 +329,13 @@ def create_app(env: Mapping[str, str] | None = None) -> FastAPI:
         device = "cpu"
         if lease is not None and isinstance(lease.device, int) and _cuda():
             device = f"cuda:{lease.device}"
+        # Progress shows on the job's status monitor when this runs as a job (jobs
+        # plugin, Prefer: respond-async); otherwise ctx.progress does nothing.
+        ctx.progress(0.05, "loading the model")
         model = await services.generator()
+        ctx.progress(0.1, f"generating {video.frames} frames on {device}")
         digest = await asyncio.to_thread(model.generate, video.prompt, video.frames, device)
+        ctx.progress(0.9, "saving")
         async with services.engine.begin() as conn:
             result = await conn.execute(
                 VIDEOS.insert().values(

@@ -136,6 +136,28 @@ async def test_generation_queues_a_job_that_finishes_the_video(service: Harness)
     assert status == "ready"
 
 
+async def test_generation_as_an_async_job_with_an_idempotency_key(service: Harness) -> None:
+    headers = {"prefer": "respond-async", "idempotency-key": "dusk-1"}
+    body = {"prompt": "dusk", "frames": 1}
+    submitted = await service.client.post("/api/videos/generate", json=body, headers=headers)
+    assert submitted.status_code == 202
+    monitor = submitted.headers["location"]
+    retried = await service.client.post("/api/videos/generate", json=body, headers=headers)
+    assert retried.headers["location"] == monitor  # the same job: one generation
+    states = []
+    for _ in range(2000):
+        answer = await service.client.get(monitor)
+        state = answer.headers["overdrive-job-state"]
+        states.append(state)
+        if state not in ("queued", "running"):
+            break
+        await asyncio.sleep(0.01)
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["digest"] and answer.json()["status"] == "processing"
+    stats = await service.host.get_system_stats()
+    assert stats["jobs"]["jobs"]["succeeded"] == 1 and stats["jobs"]["replayed"] == 1
+
+
 async def test_stream_answers_ranges(service: Harness) -> None:
     c = service.client
     part = await c.get("/api/videos/5/stream", headers={"range": "bytes=100-199"})
