@@ -13,10 +13,12 @@ import inspect
 import logging
 import os
 import time
+from asyncio import _get_running_loop
 from collections.abc import Callable, Mapping, Sequence
 from time import perf_counter
 from typing import Any
 
+import anyio
 import pluggy
 import psutil
 import structlog
@@ -79,7 +81,7 @@ class Overdrive(ChainWalker):
         self.state: dict[str, Any] = dict(state or {})
 
         self.started = False
-        self._start_lock: asyncio.Lock | None = None
+        self._start_lock: anyio.Lock | None = None
         self._release_at = 0.0
         self._ticks = 0
         # Hook timings are sampled: every Nth request is timed (HostSettings.hook_timing_sample).
@@ -306,7 +308,7 @@ class Overdrive(ChainWalker):
         if self.started:
             return
         if self._start_lock is None:
-            self._start_lock = asyncio.Lock()
+            self._start_lock = anyio.Lock()
         async with self._start_lock:
             if not self.started:
                 await self.call_all("overdrive_startup", self)
@@ -352,17 +354,22 @@ class Overdrive(ChainWalker):
                 try:
                     result = fn(*args, **kwargs)
                     if inspect.isawaitable(result):
-                        if op.timeout is not None:
+                        if op.timeout is None:
+                            result = await result
+                        elif _get_running_loop() is not None:
+                            # asyncio's own timeout where it runs: ~3 us cheaper than
+                            # anyio's cancel scope, which trio (no asyncio loop) gets.
                             async with asyncio.timeout(op.timeout):
                                 result = await result
                         else:
-                            result = await result
+                            with anyio.fail_after(op.timeout):
+                                result = await result
                 except Exception as exc:
                     delay = await self.call_first("on_operation_failure", op, exc)
                     if delay is None:
                         op.error = exc
                         raise
-                    await asyncio.sleep(float(delay))
+                    await anyio.sleep(float(delay))
                     continue
                 op.result = result
                 return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Iterable
 
 _ALLOWED = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.:@+=/"
 MAX_LENGTH = 128
@@ -21,6 +22,16 @@ _counter = itertools.count(1)
 def is_sane(value: bytes) -> bool:
     """True for 1..128 bytes of letters, digits and ``-_.:@+=/``."""
     return 0 < len(value) <= MAX_LENGTH and not value.translate(None, _ALLOWED)
+
+
+def sets_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bool:
+    """True when the response `headers` (ASGI pairs) already carry `name` (lowercase):
+    the app set its own request id, which is kept rather than sent twice."""
+    n = len(name)
+    for key, _ in headers:  # noqa: SIM110 (a loop: any() of a generator is slower here)
+        if len(key) == n and key.lower() == name:
+            return True
+    return False
 
 
 def new_request_id() -> str:

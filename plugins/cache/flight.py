@@ -8,12 +8,16 @@ produces them: a follower of a long render gets its first byte when the
 leader's client does, not after the last one. Otherwise the followers go to
 the app themselves. Chunks are held once per flight (not per follower) and
 only while the flight runs.
+
+Waiting uses anyio Events and cancel scopes, so followers work under asyncio
+and trio alike.
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
+
+import anyio
 
 __all__ = ["Flight", "FlightAborted", "FollowerAnswer"]
 
@@ -49,12 +53,12 @@ class Flight:
         self.buffered = 0
         self.followers = 0
         self.started = False
-        self._started: asyncio.Event | None = None  # events are made only when waited on
+        self._started: anyio.Event | None = None  # events are made only when waited on
         self.shareable = False
         self.joinable = True
         self.done = False
         self.failed = False
-        self._changed: asyncio.Event | None = None
+        self._changed: anyio.Event | None = None
 
     def start(self, status: int, headers: list[tuple[bytes, bytes]], shareable: bool) -> None:
         if self.started:
@@ -102,12 +106,15 @@ class Flight:
         try:
             if not self.started:
                 if self._started is None:
-                    self._started = asyncio.Event()
-                async with asyncio.timeout(timeout):
+                    self._started = anyio.Event()
+                with anyio.move_on_after(timeout):
                     await self._started.wait()
-        except TimeoutError:
+                if not self.started:
+                    self.followers -= 1
+                    return False
+        except BaseException:
             self.followers -= 1
-            return False
+            raise
         if not (self.shareable and (self.joinable or self.chunks or not self.buffered)):
             self.followers -= 1
             return False
@@ -121,7 +128,7 @@ class Flight:
             while True:
                 changed = self._changed
                 if changed is None:
-                    changed = self._changed = asyncio.Event()
+                    changed = self._changed = anyio.Event()
                 chunks = self.chunks
                 while index < len(chunks):
                     chunk = chunks[index]

@@ -1,7 +1,7 @@
 """`ConcurrencyLimiter`: a bounded in-flight count with a bounded wait queue,
 priority partitions and a limit that may move (`ScalingConfig`, AIMD, gradient).
 
-Why our own: asyncio's Semaphore has no queue bound, no wait bound, no
+Why our own: anyio's (and asyncio's) Semaphore has no queue bound, no wait bound, no
 priorities and a fixed size; the adaptive controllers (Netflix
 concurrency-limits' ``AIMDLimit`` and ``Gradient2Limit``; Envoy's adaptive
 concurrency filter is the same gradient idea with periodic minRTT probes)
@@ -15,11 +15,12 @@ or the time the request spent queued downstream (``ctx.queue_wait``).
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections import deque
 from time import perf_counter
 from typing import Any, NoReturn
+
+import anyio
 
 from overdrive.errors import ConfigError
 
@@ -44,6 +45,21 @@ class Shed(Exception):
         self.retry_after = retry_after
 
 
+class _Waiter:
+    """One queued request: `granted` once a slot is handed to it, then `event` is set.
+
+    An anyio Event (not an asyncio Future) so the queue works under asyncio and
+    trio alike; `granted` records the hand-over, which a cancellation arriving in
+    the same tick cannot undo (the slot is then given back).
+    """
+
+    __slots__ = ("event", "granted")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.granted = False
+
+
 class _Partition:
     __slots__ = ("admitted", "in_flight", "name", "share", "shed", "waiters")
 
@@ -51,7 +67,7 @@ class _Partition:
         self.name = name
         self.share = share
         self.in_flight = 0
-        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.waiters: deque[_Waiter] = deque()
         self.admitted = 0
         self.shed = 0
 
@@ -116,19 +132,19 @@ class ConcurrencyLimiter:
             self._shed(part, "queue full")
         if self.service_ema and self.estimated_wait() > self.max_wait:
             self._shed(part, "wait too long")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        part.waiters.append(fut)
+        waiter = _Waiter()
+        part.waiters.append(waiter)
         self.queued += 1
         t0 = perf_counter()
         try:
-            async with asyncio.timeout(self.max_wait):
-                await fut
+            with anyio.fail_after(self.max_wait):
+                await waiter.event.wait()
         except BaseException as exc:
-            if fut.done() and not fut.cancelled():
+            if waiter.granted:
                 # granted in the same tick as the timeout or cancellation: give it back
                 self.release(part)
-            elif fut in part.waiters:
-                part.waiters.remove(fut)
+            elif waiter in part.waiters:
+                part.waiters.remove(waiter)
                 self.queued -= 1
             if isinstance(exc, TimeoutError):
                 self._shed(part, "waited too long")
@@ -164,11 +180,10 @@ class ConcurrencyLimiter:
             if best is None:
                 self.queued = 0
                 return
-            fut = best.waiters.popleft()
+            waiter = best.waiters.popleft()
             self.queued -= 1
-            if fut.done():
-                continue
-            fut.set_result(None)
+            waiter.granted = True
+            waiter.event.set()
             self.in_flight += 1
             best.in_flight += 1
 
