@@ -99,3 +99,68 @@ async def test_a_cache_hit_is_not_a_half_open_trial() -> None:
         statuses = [(await h.client.get("/broken")).status_code for _ in range(20)]
     assert calls["broken"] == 1  # the one trial; it failed and the breaker opened again
     assert statuses == [500] + [503] * 19
+
+
+# -- item 13: rate limits keyed on the client address behind uvicorn's forwarded-header trust --
+
+
+def _limited_app() -> Any:
+    async def hello(request):  # type: ignore[no-untyped-def]
+        return PlainTextResponse(request.client.host if request.client else "?")
+
+    from overdrive.middleware import OverdriveMiddleware
+
+    config = {"plugins": ["ratelimit"], "ratelimit": {"limit": "5/minute", "key": "address"}}
+    return OverdriveMiddleware(Starlette(routes=[Route("/", hello)]), config=config)
+
+
+def _statuses_with_rotating_forwarded_for(**uvicorn_config: Any) -> list[int]:
+    """10 requests from 127.0.0.1, each claiming another X-Forwarded-For address."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(_limited_app(), log_level="warning", **uvicorn_config)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
+        with httpx.Client() as client:
+            return [
+                client.get(url, headers={"x-forwarded-for": f"203.0.113.{i}"}).status_code
+                for i in range(10)
+            ]
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+def test_address_rate_limits_depend_on_the_servers_forwarded_header_trust() -> None:
+    """What docs/security.md and docs/scaling.md warn about, on a real uvicorn: by default
+    it trusts X-Forwarded-For from 127.0.0.1, so a client that reaches it from loopback
+    (no proxy in front, or a sidecar) picks its own address and the limit never bites."""
+    assert _statuses_with_rotating_forwarded_for() == [200] * 10
+    # The setting for "no proxy in front": trust no forwarded header.
+    assert _statuses_with_rotating_forwarded_for(forwarded_allow_ips="") == [200] * 5 + [429] * 5
+    assert _statuses_with_rotating_forwarded_for(proxy_headers=False) == [200] * 5 + [429] * 5
+
+
+def test_the_forwarded_header_trust_is_documented() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    for page in ("docs/security.md", "docs/scaling.md"):
+        text = (root / page).read_text(encoding="utf-8")
+        assert "--forwarded-allow-ips" in text, page
+        assert "test_address_rate_limits_depend_on_the_servers_forwarded_header_trust" in text
