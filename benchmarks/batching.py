@@ -97,7 +97,7 @@ async def main() -> None:
         "(inline p99 leaves out the time a call waits for the event loop that the other "
         "calls block; the throughput column is the fair comparison)"
     )
-    stats = next(iter(next(iter(batched.batchers.values())).values()))
+    stats = next(iter(batched.batchers().values()))
     print(f"batches run: {stats.batches}, mean size {stats.items / max(1, stats.batches):.1f}")
 
 

@@ -45,6 +45,9 @@ class HostSettings:
     #: Time every Nth request's hook calls (count, total, max per plugin and hook);
     #: 1 times every call, 0 turns timing off. Sampling keeps the hot path cheap.
     hook_timing_sample: int = 16
+    #: When the app's lifespan start-up completes, collect once and `gc.freeze()` what is
+    #: left, so the collector's full passes skip start-up's objects (tail latency).
+    gc_freeze: bool = True
 
     def __post_init__(self) -> None:
         if self.quarantine_after < 1:

@@ -14,6 +14,8 @@ Kept apart from the request path (`asgi.py`) because its rules are about startup
   on without lifespan then, and `uvicorn --lifespan on` refuse to start).
 - An app that returns without reading the startup message gets the lifespan answered
   by us, so that our startup and shutdown still run.
+- When start-up has completed (ours and the app's), start-up's objects are frozen out
+  of the garbage collector (`overdrive.collector`, host setting ``gc_freeze``).
 - Without a lifespan from the server, the first request starts the host; when that
   cannot work, every request is answered 500 and the reason logged once, at error level.
 """
@@ -23,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import TYPE_CHECKING
+
+from overdrive.collector import freeze_after_startup
 
 from .responses import INTERNAL_ERROR, Message, Receive, Scope, Send
 
@@ -78,6 +82,8 @@ async def run_lifespan(mw: OverdriveMiddleware, scope: Scope, receive: Receive, 
             return
         if message["type"] in _ENDS:
             await host.cleanup()
+        elif message["type"] == "lifespan.startup.complete":
+            freeze_after_startup(host.settings.gc_freeze)
         await send(message)
 
     try:
@@ -105,6 +111,7 @@ async def _own_lifespan(mw: OverdriveMiddleware, receive: Receive, send: Send) -
             except Exception as exc:
                 await send({"type": "lifespan.startup.failed", "message": one_line(exc)})
                 raise
+            freeze_after_startup(mw.host.settings.gc_freeze)
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             await mw.host.cleanup()
