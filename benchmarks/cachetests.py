@@ -107,13 +107,20 @@ def proxy_app() -> Any:
         request = client.build_request(scope["method"], url, headers=headers, content=body)
         response = await client.send(request, stream=True)
         try:
-            out = [
-                (k, v)
-                for k, v in response.headers.raw
-                if k.lower() not in (b"transfer-encoding", b"connection", b"keep-alive")
-                # Connection itself is the server's; the fields it lists are forwarded,
-                # for the cache to strip (RFC 9111 3.1)
-            ]
+            out = []
+            for k, v in response.headers.raw:
+                name = k.lower()
+                if name in (b"transfer-encoding", b"keep-alive"):
+                    continue  # the server's own framing
+                if name == b"connection":
+                    # The fields it lists go on, for the cache to strip (RFC 9111 3.1);
+                    # close / keep-alive are this hop's, for the server.
+                    listed = [t.strip() for t in v.split(b",")]
+                    listed = [t for t in listed if t and t.lower() not in (b"close", b"keep-alive")]
+                    if not listed:
+                        continue
+                    v = b", ".join(listed)
+                out.append((k, v))
             await send(
                 {"type": "http.response.start", "status": response.status_code, "headers": out}
             )

@@ -161,6 +161,14 @@ class AsyncCache:
             self._wake.set()
         return True
 
+    async def get_remote(self, key: str, default: Any = None) -> Any:
+        """Redis's value (memory refilled from it), past what memory holds: for a caller
+        whose memory copy is too old, when another worker may have stored a newer one."""
+        if self.redis is None:
+            return default
+        value = await self._get_redis(key, time.time())
+        return default if value is _MISSING or value is _FAULTED else value
+
     async def _get_redis(self, key: str, now: float) -> Any:
         redis = self.redis
         assert redis is not None
@@ -345,6 +353,20 @@ class AsyncCache:
             n = await self.redis.call(self.redis.client.delete, *(self._rkey(k) for k in keys))
             count = max(count, n if isinstance(n, int) else 0)
             await self._publish({"k": keys})
+        return count
+
+    async def invalidate_stored(self, keys: Iterable[str]) -> int:
+        """`invalidate`, telling the other workers only when Redis held one of `keys`:
+        for callers that invalidate on every request of a kind (unsafe methods), so that
+        the workers are not sent a message per request for keys that were never stored."""
+        keys = list(keys)
+        count = sum(self.memory.delete(k) for k in keys)
+        self.deletes += len(keys)
+        if self.redis is not None and keys:
+            n = await self.redis.call(self.redis.client.delete, *(self._rkey(k) for k in keys))
+            if isinstance(n, int) and n > 0:
+                count = max(count, n)
+                await self._publish({"k": keys})
         return count
 
     async def invalidate_prefix(self, prefix: str) -> int:

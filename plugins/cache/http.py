@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
+import time
 from collections.abc import Iterable, Mapping
-from email.utils import parsedate_to_datetime
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -28,6 +30,7 @@ __all__ = [
     "VaryIndex",
     "answer",
     "normalize_query",
+    "parse_age",
     "parse_cache_control",
     "parse_http_date",
 ]
@@ -82,13 +85,57 @@ def delta_seconds(value: str | None) -> int | None:
     return min(int(value[:12]), MAX_DELTA)
 
 
-def parse_http_date(value: str | None) -> float | None:
-    if not value:
+_MONTHS = {m: i for i, m in enumerate(
+    ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1
+)}  # fmt: skip
+_DAY = r"(?:mon|tue|wed|thu|fri|sat|sun)"
+_LONG_DAY = r"(?:monday|tuesday|wednesday|thursday|friday|saturday|sunday)"
+_MON = r"(jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)"
+_TIME = r"(\d\d):(\d\d):(\d\d)"
+# RFC 9110 5.6.7: IMF-fixdate, and the obsolete RFC 850 and asctime forms that a
+# recipient must also accept. Nothing else (other zones, 1-digit hours, two spaces):
+# for Expires, an invalid date means "already expired" (RFC 9111 5.3).
+_IMF = re.compile(_DAY + r", (\d\d) " + _MON + r" (\d{4}) " + _TIME + r" gmt", re.I)
+_RFC850 = re.compile(_LONG_DAY + r", (\d\d)-" + _MON + r"-(\d\d) " + _TIME + r" gmt", re.I)
+_ASCTIME = re.compile(_DAY + r" " + _MON + r" ([\d ]\d) " + _TIME + r" (\d{4})", re.I)
+
+
+def parse_http_date(value: str | None, now: float | None = None) -> float | None:
+    """An HTTP-date (RFC 9110 5.6.7) as a POSIX timestamp; None when it is not one."""
+    if not value or len(value) > 64:
         return None
+    value = value.strip()
     try:
-        return parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError, IndexError, OverflowError):
+        if m := _IMF.fullmatch(value):
+            day, mon, year, hh, mm, ss = m.groups()
+        elif m := _ASCTIME.fullmatch(value):
+            mon, day, hh, mm, ss, year = m.groups()
+        elif m := _RFC850.fullmatch(value):
+            day, mon, yy, hh, mm, ss = m.groups()
+            # A two-digit year more than 50 years ahead is in the past century (5.6.7).
+            this_year = time.gmtime(now if now is not None else time.time()).tm_year
+            year_n = this_year - this_year % 100 + int(yy)
+            if year_n > this_year + 50:
+                year_n -= 100
+            year = str(year_n)
+        else:
+            return None
+        if int(hh) > 23 or int(mm) > 59 or int(ss) > 60:
+            return None
+        when = datetime(int(year), _MONTHS[mon.lower()], int(day.strip()), tzinfo=UTC)
+        return when.timestamp() + int(hh) * 3600 + int(mm) * 60 + int(ss)
+    except (ValueError, OverflowError):
         return None
+
+
+def parse_age(values: list[str]) -> float | None:
+    """The Age a response arrived with: the first member of the first line (RFC 9111
+    5.1 is a single delta-seconds; a recipient of a list reads its first value)."""
+    if not values:
+        return None
+    first = values[0].split(",", 1)[0].strip()
+    age = delta_seconds(first)
+    return None if age is None else float(age)
 
 
 def normalize_query(query: bytes, ignore: frozenset[bytes], sort: bool = True) -> bytes:

@@ -22,8 +22,10 @@ from overdrive.plugin import Plugin
 from .asynccache import AsyncCache
 from .flight import Flight, FollowerAnswer
 from .http import HTTPSerializer, StoredResponse, VaryIndex, answer, vary_suffix
+from .invalidation import invalidation_keys
 from .settings import CacheConfig, CacheSettings
 from .store import UNKEYED_KIND, Route, build_stored, duplicated, revalidate
+from .validate import Revalidation, conditional_headers
 
 __all__ = ["CachePlugin", "tag_response"]
 
@@ -32,6 +34,8 @@ logger = structlog.get_logger("overdrive.cache")
 HIT, MISS, STALE, BYPASS = "HIT", "MISS", "STALE", "BYPASS"
 _X_CACHE = {s: (b"x-cache", s.encode()) for s in (HIT, MISS, STALE, BYPASS)}
 # Kinds of request header, as `Route.read` maps them (store._READ_BASE).
+#: RFC 9110 9.2.1: the methods that do not change the resource (GET, HEAD looked up).
+_SAFE = frozenset({"OPTIONS", "TRACE"})
 _AUTH, _COOKIE, _CC, _PRAGMA, _INM, _IMS, _RANGE, _IF_RANGE, _HOST = range(9)
 
 
@@ -54,7 +58,7 @@ def tag_response(ctx: RequestContext, *tags: str) -> None:
 class _Miss:
     """What a leading miss carries from cache_lookup to cache_store/after_request."""
 
-    __slots__ = ("flight", "key", "lock", "route", "stale", "token")
+    __slots__ = ("flight", "key", "lock", "request_time", "route", "stale", "token")
 
     def __init__(self, key: str, route: Route, flight: Flight | None, stale: Any) -> None:
         self.key = key
@@ -63,6 +67,7 @@ class _Miss:
         self.stale = stale
         self.lock: bytes | None = None
         self.token = b""
+        self.request_time: float | None = None
 
 
 class CachePlugin(Plugin):
@@ -85,6 +90,9 @@ class CachePlugin(Plugin):
         self._renewer: asyncio.Task[None] | None = None
         self.counts = dict.fromkeys((HIT, MISS, STALE, BYPASS, "stored", "not_stored"), 0)
         self.counts.update(collapsed=0, revalidations=0, not_modified=0, partial=0)
+        # conditional requests sent to the app for stale entries, the 304s they got, and
+        # unsafe requests (POST, PUT, DELETE...) that invalidated stored responses
+        self.counts.update(validations=0, not_modified_upstream=0, invalidations=0)
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -136,6 +144,8 @@ class CachePlugin(Plugin):
     async def cache_lookup(self, ctx: RequestContext) -> Any:
         method = ctx.method
         if method != "GET" and method != "HEAD":
+            if method not in _SAFE and self.cache is not None and self.cache.redis is not None:
+                await self._invalidate_target(ctx)
             return None
         s = ctx.settings("cache") or self.settings
         if not s.enabled:
@@ -211,7 +221,7 @@ class CachePlugin(Plugin):
                 if self._same_variant(flight, ctx):
                     ctx.cache_status = HIT
                     self.counts[HIT] += 1
-                    headers = route.client_headers(flight.headers)
+                    headers = list(flight.headers)  # client_headers applied, Age added
                     return FollowerAnswer(flight, headers, method == "HEAD")
                 flight.followers -= 1
             now = time.time()
@@ -224,8 +234,9 @@ class CachePlugin(Plugin):
         if method == "GET" and key not in self._flights:
             miss.flight = self._flights[key] = Flight(s.max_entry_bytes, ctx)
         try:
-            if cache.redis is not None and use_stored and stale is None:
-                found = await self._find_remote(key, ctx)
+            if cache.redis is not None and use_stored:
+                # Also when memory's copy is stale: another worker may have renewed it.
+                found = await self._find_remote(key, ctx, past_memory=stale is not None)
                 if found is not None:
                     now = time.time()
                     hit = self._serve(ctx, key, route, found, now, max_age, conditions)
@@ -233,6 +244,13 @@ class CachePlugin(Plugin):
                         self._end_flight(miss, failed=False)
                         return hit
                     miss.stale = found
+            if miss.stale is not None and method == "GET" and conditional_headers(miss.stale):
+                # Stale but with the app's validator: ask the app whether it changed
+                # (RFC 9111 4.3.1) rather than for the whole response again.
+                self._end_flight(miss, failed=True)
+                ctx.cache_status = MISS
+                self.counts[MISS] += 1
+                return Revalidation(self, ctx, key, route, miss.stale, conditions)
             if miss.flight is not None and cache.redis is not None and cache.redis.available:
                 found = await self._cross_worker(miss, ctx, s)
                 if found is not None:
@@ -245,6 +263,7 @@ class CachePlugin(Plugin):
         self.counts[MISS] += 1
         if method == "HEAD":
             return None  # a HEAD response has no body to store
+        miss.request_time = now
         ctx.state["cache"] = miss
         if miss.flight is not None:
             ctx.observe_body(miss.flight.feed)
@@ -281,14 +300,17 @@ class CachePlugin(Plugin):
             value = cache.get_local(key + vary_suffix(value.names, ctx.headers), now)
         return value if type(value) is StoredResponse else None
 
-    async def _find_remote(self, key: str, ctx: RequestContext) -> StoredResponse | None:
+    async def _find_remote(
+        self, key: str, ctx: RequestContext, *, past_memory: bool = False
+    ) -> StoredResponse | None:
         cache = self.cache
         assert cache is not None
-        value = await cache.get(key)
+        get = cache.get_remote if past_memory else cache.get
+        value = await get(key)
         if type(value) is VaryIndex:
             if duplicated(ctx.raw_headers, value.names):
                 return None
-            value = await cache.get(key + vary_suffix(value.names, ctx.headers))
+            value = await get(key + vary_suffix(value.names, ctx.headers))
         return value if type(value) is StoredResponse else None
 
     def _answer(
@@ -394,6 +416,9 @@ class CachePlugin(Plugin):
     def on_response_start(
         self, ctx: RequestContext, status: int, headers: list[tuple[bytes, bytes]]
     ) -> None:
+        method = ctx.method
+        if method != "GET" and method != "HEAD" and 200 <= status < 400:
+            self._invalidate_unsafe(ctx, headers)
         state = ctx.cache_status
         s = ctx.settings("cache") or self.settings
         route = self._route(s)
@@ -410,8 +435,13 @@ class CachePlugin(Plugin):
             miss = ctx.state.get("cache")
             if miss is not None and miss.flight is not None:
                 original = ctx.response_headers or []
-                shareable = route.shareable(status, original, ctx)
-                miss.flight.start(status, route.client_headers(original), shareable)
+                # Only a response fresh on arrival is shared with waiting requests,
+                # with the Age it has (RFC 9111 4.2.3), as a stored one would be.
+                age = route.fresh_age(status, original, miss.request_time)
+                shared = route.client_headers(original)
+                if age is not None:
+                    shared.append((b"age", b"%d" % int(age)))
+                miss.flight.start(status, shared, age is not None)
         headers.append(_X_CACHE[state])
 
     @hookimpl
@@ -422,9 +452,43 @@ class CachePlugin(Plugin):
         if miss is None:
             return
         tags = ctx.state.get("cache_tags")
-        stored = await self._store(miss.route, miss.key, ctx, response, tags)
-        self.counts["stored" if stored else "not_stored"] += 1
+        stored = await self._store(miss.route, miss.key, ctx, response, tags, miss.request_time)
+        self.counts["stored" if stored is not None else "not_stored"] += 1
         self._end_flight(miss, failed=False)
+
+    async def store_captured(
+        self,
+        route: Route,
+        key: str,
+        ctx: RequestContext,
+        response: CapturedResponse,
+        request_time: float | None,
+        tags: Any = None,
+    ) -> StoredResponse | None:
+        """Store `response` under `key` if RFC 9111 allows it (for `Revalidation`)."""
+        stored = await self._store(route, key, ctx, response, tags, request_time)
+        self.counts["stored" if stored is not None else "not_stored"] += 1
+        return stored
+
+    def hit_answer(
+        self,
+        ctx: RequestContext,
+        stored: StoredResponse,
+        age: float,
+        conditions: tuple[bytes | None, ...],
+    ) -> Any:
+        """The answer from a stored response just renewed by a 304 (a HIT)."""
+        return self._answer(ctx, HIT, stored, age, *conditions)
+
+    def serve_stale_on_error(self, ctx: RequestContext, stale: StoredResponse) -> bool:
+        """May `stale` answer instead of an error (stale-if-error, RFC 5861 4)?"""
+        return stale.age(time.time()) < stale.fresh_for + stale.stale_if_error
+
+    def stale_answer(self, ctx: RequestContext, stale: StoredResponse) -> Any:
+        self.counts[MISS] -= 1
+        ctx.cache_status = STALE
+        self.counts[STALE] += 1
+        return answer(stale, stale.age(time.time()), ctx.method == "HEAD", *(None,) * 4)
 
     async def _store(
         self,
@@ -433,21 +497,22 @@ class CachePlugin(Plugin):
         ctx: RequestContext,
         response: CapturedResponse,
         tags: Any,
-    ) -> bool:
+        request_time: float | None = None,
+    ) -> StoredResponse | None:
         cache = self.cache
         assert cache is not None
-        built = build_stored(route, response, ctx, time.time())
+        built = build_stored(route, response, ctx, time.time(), request_time)
         if built is None:
-            return False
+            return None
         stored, ttl, all_tags, compressible = built
         if stored.vary:
             if duplicated(ctx.raw_headers, stored.vary):
-                return False  # the variant's key would not be what the app read
+                return None  # the variant's key would not be what the app read
             await cache.set(key, VaryIndex(stored.vary), ttl, tags=all_tags)
             key = key + vary_suffix(stored.vary, ctx.headers)
         all_tags = (*all_tags, *(tags or ()))
         await cache.set(key, stored, ttl, tags=all_tags, compress=compressible)
-        return True
+        return stored
 
     @hookimpl
     async def on_failure(self, ctx: RequestContext, error: BaseException | None) -> Any:
@@ -466,8 +531,52 @@ class CachePlugin(Plugin):
         self.counts[STALE] += 1
         return answer(stale, age, ctx.method == "HEAD", None, None, None, None)
 
+    async def _invalidate_target(self, ctx: RequestContext) -> None:
+        """Before an unsafe request reaches the app: its target's stored responses go,
+        everywhere, so that no worker answers from them once the app has changed it
+        (the answer's own invalidation, at its start, reaches other workers only by
+        pub/sub, which a client's next request can outrun). Dropping an entry early is
+        always allowed; it costs what a request with ``Cache-Control: no-cache`` costs.
+        Only with Redis: one process's memory is invalidated before the answer starts."""
+        cache = self.cache
+        s = ctx.settings("cache") or self.settings
+        if cache is None or not s.enabled:
+            return
+        keys = invalidation_keys(self._route(s), ctx, [])
+        await cache.invalidate_stored(keys)
+
+    def _invalidate_unsafe(self, ctx: RequestContext, headers: list[tuple[bytes, bytes]]) -> None:
+        """RFC 9111 4.4: a non-error answer to an unsafe method invalidates the target
+        URI and same-origin Location / Content-Location. This worker's memory at once
+        (before the client can send its next request); Redis and the other workers in
+        `after_request`, through the cross-worker invalidation."""
+        cache = self.cache
+        s = ctx.settings("cache") or self.settings
+        if cache is None or not s.enabled:
+            return
+        keys = invalidation_keys(self._route(s), ctx, ctx.response_headers or headers)
+        for key in keys:
+            cache.memory.delete(key)
+        self.counts["invalidations"] += 1
+        if cache.redis is None:
+            return
+        # Started now, while the body is sent, so that Redis and the other workers have
+        # it as early as can be (a client's next request may go to another worker);
+        # after_request waits for it.
+        try:
+            task: Any = asyncio.get_running_loop().create_task(cache.invalidate_stored(keys))
+        except RuntimeError:  # not asyncio: after_request does it
+            task = keys
+        ctx.state["cache_invalidate"] = task
+
     @hookimpl
     async def after_request(self, ctx: RequestContext) -> None:
+        pending = ctx.state.pop("cache_invalidate", None)
+        if pending is not None and self.cache is not None:
+            if isinstance(pending, list):
+                await self.cache.invalidate_stored(pending)
+            else:
+                await pending
         status = ctx.cache_status
         if status != MISS and status != STALE:
             return
@@ -505,6 +614,7 @@ class CachePlugin(Plugin):
     async def _refresh(
         self, app: Any, key: str, route: Route, scope: dict[str, Any], headers: dict[str, str]
     ) -> None:
+        started = time.time()
         try:
             result = await revalidate(
                 app, scope, route.settings.lock_ttl, route.settings.max_entry_bytes
@@ -512,7 +622,7 @@ class CachePlugin(Plugin):
             if result is not None:
                 ctx = RequestContext(scope, "revalidate", self._policy_for(scope), self.host)
                 tags = None
-                await self._store(route, key, ctx, result, tags)
+                await self._store(route, key, ctx, result, tags, started)
         except Exception:
             logger.exception("background revalidation failed", key=key[:200])
         finally:

@@ -40,8 +40,11 @@ UNKEYED_HEADERS = [
     "x-rewrite-url",
 ]
 MAX_KEY_HEADERS = 40
-#: RFC 9110 15.1: statuses cacheable by default, less 206 (a part is never stored as
-#: the whole; Range requests are answered from a stored 200 instead).
+#: RFC 9110 15.1: statuses cacheable by default (heuristically: stored with `ttl` /
+#: `default_ttl` when the response gives no freshness), less 206 (a part is never
+#: stored as the whole; Range requests are answered from a stored 200 instead). Any
+#: other status but 206 and 304 is stored when the response has explicit freshness
+#: (max-age, s-maxage, Expires), as RFC 9111 3 allows.
 CACHEABLE_STATUSES = [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501]
 
 
@@ -119,13 +122,19 @@ class CacheSettings:
     key_headers: list[str] = field(default_factory=list)  # (route) request headers in the key
     sort_query: bool = True  # (route) sort parameters by name (same names keep their order)
     unkeyed_headers: list[str] = field(default_factory=lambda: list(UNKEYED_HEADERS))
-    cacheable_statuses: list[int] = field(default_factory=lambda: list(CACHEABLE_STATUSES))
+    cacheable_statuses: list[int] = field(
+        default_factory=lambda: list(CACHEABLE_STATUSES)
+    )  # stored without explicit freshness
     ttl: int | None = None  # (route) TTL for responses without caching headers
     enabled: bool = True  # (route) false: this route is never looked up nor stored
     tags: list[str] = field(default_factory=list)  # (route) tags given to stored responses
     tag_header: str = "x-cache-tags"  # response header the app sets tags with (stripped)
     stale_while_revalidate: int = 0  # (route) seconds, when the response names none
     stale_if_error: int = 0  # (route) seconds, when the response names none
+    keep_stale: int = 3600  # seconds a stale entry with a validator is kept to revalidate
+    targeted_cache_control: list[str] = field(
+        default_factory=lambda: ["cdn-cache-control"]
+    )  # RFC 9213 fields obeyed over Cache-Control, first valid wins
     wait_timeout: float = 30.0  # how long concurrent misses wait for the first one
     trust_dependencies: bool = False  # (route) FastAPI: hits may skip what dependencies check
     memory_ttl: float | None = None  # cap on how long a Redis entry lives in this worker's memory
@@ -155,7 +164,7 @@ class CacheSettings:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"cache.{name}: expected > 0 or none, got {value!r}")
-        for name in ("stale_while_revalidate", "stale_if_error"):
+        for name in ("stale_while_revalidate", "stale_if_error", "keep_stale"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"cache.{name}: expected >= 0, got {getattr(self, name)!r}")
         if self.max_entry_bytes > self.max_bytes:
@@ -176,6 +185,12 @@ class CacheSettings:
                 )
         if not self.tag_header or not self.tag_header.isascii() or ":" in self.tag_header:
             raise ConfigError(f"cache.tag_header: expected a header name, got {self.tag_header!r}")
+        for name in self.targeted_cache_control:
+            if not name or not name.isascii() or ":" in name or " " in name:
+                raise ConfigError(
+                    f"cache.targeted_cache_control: expected header names, got {name!r}"
+                )
+        self.targeted_cache_control = [h.lower() for h in self.targeted_cache_control]
         # Header names are matched lower-cased, as ASGI servers deliver them.
         self.key_headers = sorted({h.lower() for h in self.key_headers})
         if len(self.key_headers) > MAX_KEY_HEADERS:

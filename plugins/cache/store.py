@@ -23,12 +23,14 @@ from .http import (
     StoredResponse,
     delta_seconds,
     normalize_query,
+    parse_age,
     parse_cache_control,
     parse_http_date,
     strong_etag,
     vary_names,
 )
 from .settings import CacheSettings
+from .targeted import parse_targeted
 
 __all__ = ["Judgement", "Route", "build_stored", "duplicated", "judge", "revalidate"]
 
@@ -76,6 +78,7 @@ class Route:
         self.tag_header = settings.tag_header.encode("latin-1")
         self.statuses = frozenset(settings.cacheable_statuses)
         self.drop = DROP_HEADERS | {self.tag_header}
+        self.targets = tuple(t.encode("latin-1") for t in settings.targeted_cache_control)
 
     # -- keys ------------------------------------------------------------------------
 
@@ -136,7 +139,17 @@ class Route:
     def shareable(
         self, status: int, headers: list[tuple[bytes, bytes]], ctx: RequestContext
     ) -> bool:
-        return judge(self, status, headers, time.time()) is not None
+        return self.fresh_age(status, headers, None) is not None
+
+    def fresh_age(
+        self, status: int, headers: list[tuple[bytes, bytes]], request_time: float | None
+    ) -> float | None:
+        """The age of a response that arrives fresh and storable; None otherwise (a
+        request waiting on it must not get it: it is not a response the cache may use)."""
+        j = judge(self, status, headers, time.time(), request_time)
+        if j is None or j.fresh_for <= j.initial_age:
+            return None
+        return j.initial_age
 
     def client_headers(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """The leader's response headers as a follower may get them."""
@@ -159,7 +172,17 @@ def duplicated(raw_headers: list[tuple[bytes, bytes]], names: tuple[str, ...]) -
 
 
 class Judgement:
-    __slots__ = ("etag", "fresh_for", "initial_age", "last_modified", "sie", "swr", "tags", "vary")
+    __slots__ = (
+        "etag",
+        "fresh_for",
+        "initial_age",
+        "last_modified",
+        "sie",
+        "swr",
+        "tags",
+        "validator",
+        "vary",
+    )
 
     def __init__(self) -> None:
         self.fresh_for = 0.0
@@ -170,18 +193,40 @@ class Judgement:
         self.etag: bytes | None = None
         self.last_modified: float | None = None
         self.tags: tuple[str, ...] = ()
+        self.validator = False  # the origin gave an ETag or Last-Modified to revalidate with
+
+
+#: RFC 9110 15: the codes it defines, "understood" for `must-understand` (RFC 9111 5.2.2.3).
+UNDERSTOOD = frozenset(
+    {200, 201, 202, 203, 204, 205, 206, 300, 301, 302, 303, 304, 305, 307, 308}
+    | set(range(400, 418)) | {421, 422, 426} | set(range(500, 506))
+)  # fmt: skip
+#: Never stored, whatever the response says: a part is not the whole (Range requests
+#: are answered from a stored 200), a 304 is not a representation.
+NEVER_STORED = frozenset({206, 304})
 
 
 def judge(
-    route: Route, status: int, headers: list[tuple[bytes, bytes]], now: float
+    route: Route,
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    now: float,
+    request_time: float | None = None,
 ) -> Judgement | None:
-    """May this response be stored in a shared cache, and for how long? None: no."""
-    if status not in route.statuses:
+    """May this response be stored in a shared cache, and for how long? None: no.
+
+    `now` is when the response arrived, `request_time` when its request was made
+    (for the response delay in the age, RFC 9111 4.2.3; `now` when unknown).
+    """
+    if status < 200 or status in NEVER_STORED:
         return None
     s = route.settings
     cc_parts: list[str] = []
+    targeted: dict[bytes, list[str]] = {}
     vary: list[bytes] = []
-    expires = date = age = last_modified = None
+    expires: list[str] = []
+    ages: list[str] = []
+    date = last_modified = None
     etag: bytes | None = None
     tags: list[str] = []
     for raw_name, value in headers:
@@ -193,64 +238,106 @@ def judge(
         elif name == b"vary":
             vary.append(value)
         elif name == b"expires":
-            expires = value.decode("latin-1")
+            expires.append(value.decode("latin-1"))
         elif name == b"date":
             date = value.decode("latin-1")
         elif name == b"age":
-            age = value.decode("latin-1")
+            ages.append(value.decode("latin-1"))
         elif name == b"etag":
             etag = value
         elif name == b"last-modified":
             last_modified = value.decode("latin-1")
         elif name == route.tag_header:
             tags.extend(t.strip() for t in value.decode("latin-1").split(",") if t.strip())
-    cc = parse_cache_control(", ".join(cc_parts)) if cc_parts else {}
-    if "no-store" in cc or "no-cache" in cc:
+        elif name in route.targets:
+            targeted.setdefault(name, []).append(value.decode("latin-1"))
+    cc = None
+    for target in route.targets:  # RFC 9213: the first valid targeted field wins
+        if target in targeted:
+            cc = parse_targeted(", ".join(targeted[target]))
+            if cc is not None:
+                break
+    if cc is None:
+        cc = parse_cache_control(", ".join(cc_parts)) if cc_parts else {}
+    if "must-understand" in cc:  # RFC 9111 5.2.2.3: no-store is for caches that do not
+        if status not in UNDERSTOOD:
+            return None
+    elif "no-store" in cc:
         return None
     if "private" in cc and not (route.by_auth or route.by_cookie):
         return None
     names = vary_names(vary) if vary else ()
     if names is None:
         return None
+    validator = etag is not None or last_modified is not None
     j = Judgement()
     if "s-maxage" in cc or "max-age" in cc:
         fresh = delta_seconds(cc.get("s-maxage") if "s-maxage" in cc else cc.get("max-age"))
         if fresh is None:
             return None  # malformed: not cached rather than guessed
         j.fresh_for = float(fresh)
-    elif expires is not None:
-        when = parse_http_date(expires)
-        base = parse_http_date(date) or now
-        j.fresh_for = (when - base) if when is not None else 0.0  # invalid Expires: expired
+    elif expires:
+        # Several Expires lines, or one that is not an HTTP-date: already expired (5.3).
+        when = parse_http_date(expires[0], now) if len(expires) == 1 else None
+        base = parse_http_date(date, now) or now
+        j.fresh_for = (when - base) if when is not None else 0.0
+    elif status not in route.statuses:
+        return None  # RFC 9111 3: other codes only with explicit freshness
     elif s.ttl is not None or s.default_ttl is not None:
         j.fresh_for = float(s.ttl if s.ttl is not None else s.default_ttl)  # type: ignore[arg-type]
-    else:
+    elif not (validator and "no-cache" in cc):
         return None
-    if j.fresh_for <= 0:
-        return None
-    if "must-revalidate" not in cc and "proxy-revalidate" not in cc:
+    if "no-cache" in cc:
+        j.fresh_for = 0.0  # stored, and revalidated before each use (5.2.2.4)
+    if j.fresh_for <= 0 and not validator:
+        return None  # stale on arrival, nothing to revalidate it with
+    j.fresh_for = max(j.fresh_for, 0.0)
+    if not ("must-revalidate" in cc or "proxy-revalidate" in cc or "no-cache" in cc
+            or "s-maxage" in cc):  # fmt: skip
         swr = delta_seconds(cc.get("stale-while-revalidate"))
         sie = delta_seconds(cc.get("stale-if-error"))
         j.swr = float(swr if swr is not None else s.stale_while_revalidate)
         j.sie = float(sie if sie is not None else s.stale_if_error)
-    j.initial_age = float(delta_seconds(age) or 0)
+    # RFC 9111 4.2.3: the age it arrived with, corrected for the time it took to come,
+    # and at least what its Date says.
+    age_value = parse_age(ages) or 0.0
+    response_delay = max(0.0, now - (request_time if request_time is not None else now))
+    date_value = parse_http_date(date, now)
+    apparent_age = max(0.0, now - date_value) if date_value is not None else 0.0
+    j.initial_age = max(apparent_age, age_value + response_delay)
     j.vary = names
     j.etag = etag
-    j.last_modified = parse_http_date(last_modified)
+    j.last_modified = parse_http_date(last_modified, now)
+    j.validator = validator
     j.tags = tuple(t[:128] for t in tags[:MAX_TAGS])
     return j
 
 
+def connection_listed(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The field names a Connection header lists (RFC 9110 7.6.1): for this hop only."""
+    names: set[bytes] = set()
+    for k, v in headers:
+        if k.lower() == b"connection":
+            names.update(n.strip().lower() for n in v.split(b",") if n.strip())
+    return frozenset(names)
+
+
 def build_stored(
-    route: Route, response: CapturedResponse, ctx: RequestContext, now: float
+    route: Route,
+    response: CapturedResponse,
+    ctx: RequestContext,
+    now: float,
+    request_time: float | None = None,
 ) -> tuple[StoredResponse, float, tuple[str, ...], bool] | None:
     """(stored response, TTL in the cache, tags, compressible) or None when not storable."""
-    j = judge(route, response.status, response.headers, now)
+    j = judge(route, response.status, response.headers, now, request_time)
     if j is None:
         return None
     body = response.body
-    drop = route.drop
-    headers = [(k, v) for k, v in response.headers if k.lower() not in drop]
+    drop = route.drop | connection_listed(response.headers)  # RFC 9111 3.1
+    # Names lower-cased as ASGI has them: a stored response is matched by name later
+    # (304 updates, conditional answers) whatever case the app used.
+    headers = [(k.lower(), v) for k, v in response.headers if k.lower() not in drop]
     compressible = True
     for k, v in headers:
         lk = k.lower()
@@ -276,7 +363,10 @@ def build_stored(
         last_modified=j.last_modified,
         vary=j.vary,
     )
-    ttl = max(j.fresh_for + max(j.swr, j.sie) - j.initial_age, 1.0)
+    # Kept past its freshness for stale-while-revalidate / stale-if-error, and, when it
+    # has a validator, for a conditional request to renew it (cheaper than a full one).
+    keep = max(j.swr, j.sie, float(route.settings.keep_stale) if j.validator else 0.0)
+    ttl = max(max(j.fresh_for - j.initial_age, 0.0) + keep, 1.0)
     return stored, ttl, (*route.settings.tags, *j.tags), compressible
 
 

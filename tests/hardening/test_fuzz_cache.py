@@ -163,6 +163,7 @@ requests = st.lists(
 
 
 KEEP_ALIVE: list[Any] = []
+REQUEST_IDS = itertools.count(1)
 
 
 class App:
@@ -195,7 +196,12 @@ class App:
         if policy.set_cookie:
             headers.append((b"set-cookie", b"session=%d" % n))
         req = Req(scope["path"], scope["query_string"], tuple(scope["headers"]), scope["method"])
-        self.produced.append(Produced(req, policy.status, headers, body, id(scope)))
+        # Which request this answers: a marker in the scope, kept when the cache calls
+        # the app with a copy of it for the request (a conditional request to revalidate
+        # a stale entry); a background refresh (its own receive) answers none.
+        mine = receive is scope["fuzz.receive"]
+        marker = scope["fuzz.request"] if mine else -n
+        self.produced.append(Produced(req, policy.status, headers, body, marker))
         await send({"type": "http.response.start", "status": policy.status, "headers": headers})
         await send(
             {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
@@ -265,13 +271,15 @@ async def send_request(app: Any, req: Req) -> tuple[int, list[tuple[bytes, bytes
         "query_string": req.query,
         "root_path": "",
         "headers": [(b"host", b"testserver"), *req.headers],
+        "fuzz.request": next(REQUEST_IDS),
+        "fuzz.receive": receive,
     }
     await app(scope, receive, send)
     assert sent and sent[0]["type"] == "http.response.start", sent
     assert not sent[-1].get("more_body", False), sent
     body = b"".join(m.get("body", b"") for m in sent[1:])
     KEEP_ALIVE.append(scope)  # so that no later scope reuses its id
-    return sent[0]["status"], sent[0]["headers"], body, id(scope)
+    return sent[0]["status"], sent[0]["headers"], body, scope["fuzz.request"]
 
 
 def check_from_cache(

@@ -164,12 +164,21 @@ async def test_s_maxage_wins_and_expires_is_understood() -> None:
 
 async def test_only_get_and_head_and_cacheable_statuses() -> None:
     n = Counter()
-    app = app_with(n, p=CACHEABLE, err=numbered({"cache-control": "max-age=60"}, status=500))
+    app = app_with(
+        n,
+        p=CACHEABLE,
+        err=numbered({"cache-control": "max-age=60"}, status=500),
+        plain=numbered({}, status=500),
+    )
     app.router.routes[0].methods = {"GET", "HEAD", "POST"}
-    async with serve(app, config=config()) as h:
+    async with serve(app, config=config(default_ttl=60)) as h:
         await h.client.post("/p")
         assert (await h.client.post("/p")).headers.get("x-cache") is None
+        # RFC 9111 3: any status may be stored when the app gives it explicit freshness...
         _, second = await twice(h, "/err")
+        assert second.status_code == 500 and second.headers["x-cache"] == "HIT"
+        # ...but default_ttl only applies to the heuristically cacheable ones.
+        _, second = await twice(h, "/plain")
         assert second.status_code == 500 and second.headers["x-cache"] == "MISS"
 
 
