@@ -3,6 +3,8 @@
     ./run bench cachetests                 all three configurations
     ./run bench cachetests memory          one of: memory, redis, workers
     ./run bench cachetests memory ID       one test, with the suite's request/response dump
+    CACHETESTS_SETTINGS='{"stale_if_error": 60}' ./run bench cachetests memory
+                                           other cache settings than the defaults
 
 The suite behind cache-tests.fyi (RFC 9111, RFC 9213 targeted cache-control)
 is the outside oracle for what our cache does. This script:
@@ -131,6 +133,7 @@ def proxy_app() -> Any:
             await response.aclose()
 
     settings: dict[str, Any] = {"namespace": os.environ.get("CACHETESTS_NAMESPACE", "ct")}
+    settings.update(json.loads(os.environ.get("CACHETESTS_SETTINGS") or "{}"))
     if os.environ.get("CACHETESTS_REDIS"):
         settings["redis_url"] = os.environ["CACHETESTS_REDIS"]
     return OverdriveMiddleware(forward, config={"plugins": ["cache"], "cache": settings})

@@ -376,11 +376,11 @@ def answer(
             not_modified = _etag_matches(if_none_match, stored.etag)
         else:
             since = parse_http_date(if_modified_since)
-            not_modified = (
-                since is not None
-                and stored.last_modified is not None
-                and stored.last_modified <= since
-            )
+            last = stored.last_modified
+            if last is None:  # RFC 9111 4.3.2: without Last-Modified, the stored Date
+                last = parse_http_date(next((v for k, v in stored.headers if k == b"date"),
+                                            b"").decode("latin-1"))  # fmt: skip
+            not_modified = since is not None and last is not None and last <= since
         if not_modified:
             headers = [h for h in stored.headers if h[0] in NOT_MODIFIED_HEADERS]
             headers.append(age_header)

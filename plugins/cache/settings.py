@@ -131,6 +131,8 @@ class CacheSettings:
     tag_header: str = "x-cache-tags"  # response header the app sets tags with (stripped)
     stale_while_revalidate: int = 0  # (route) seconds, when the response names none
     stale_if_error: int = 0  # (route) seconds, when the response names none
+    heuristic_fraction: float = 0.1  # (route) of the time since Last-Modified, when no freshness
+    heuristic_max: int = 3600  # (route) seconds; the most heuristic freshness given
     keep_stale: int = 3600  # seconds a stale entry with a validator is kept to revalidate
     targeted_cache_control: list[str] = field(
         default_factory=lambda: ["cdn-cache-control"]
@@ -164,7 +166,11 @@ class CacheSettings:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"cache.{name}: expected > 0 or none, got {value!r}")
-        for name in ("stale_while_revalidate", "stale_if_error", "keep_stale"):
+        if not 0 <= self.heuristic_fraction <= 1:
+            raise ConfigError(
+                f"cache.heuristic_fraction: expected 0..1, got {self.heuristic_fraction!r}"
+            )
+        for name in ("stale_while_revalidate", "stale_if_error", "keep_stale", "heuristic_max"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"cache.{name}: expected >= 0, got {getattr(self, name)!r}")
         if self.max_entry_bytes > self.max_bytes:

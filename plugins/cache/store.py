@@ -281,10 +281,14 @@ def judge(
         when = parse_http_date(expires[0], now) if len(expires) == 1 else None
         base = parse_http_date(date, now) or now
         j.fresh_for = (when - base) if when is not None else 0.0
-    elif status not in route.statuses:
-        return None  # RFC 9111 3: other codes only with explicit freshness
+    elif status not in route.statuses and "public" not in cc:
+        return None  # RFC 9111 3: other codes only with explicit freshness (or public)
     elif s.ttl is not None or s.default_ttl is not None:
         j.fresh_for = float(s.ttl if s.ttl is not None else s.default_ttl)  # type: ignore[arg-type]
+    elif (lm := parse_http_date(last_modified, now)) is not None and s.heuristic_fraction > 0:
+        # RFC 9111 4.2.2: a fraction of the time since it last changed, bounded.
+        since = (parse_http_date(date, now) or now) - lm
+        j.fresh_for = min(max(since, 0.0) * s.heuristic_fraction, float(s.heuristic_max))
     elif not (validator and "no-cache" in cc):
         return None
     if "no-cache" in cc:

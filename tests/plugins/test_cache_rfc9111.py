@@ -437,3 +437,43 @@ def test_a_bad_target_name_stops_startup() -> None:
 
     with pytest.raises(ConfigError, match=r"cache\.targeted_cache_control"):
         CacheSettings(targeted_cache_control=["cdn cache control"])
+
+
+async def test_if_modified_since_is_answered_from_the_date_without_last_modified() -> None:
+    origin = Origin({"cache-control": "max-age=3600", "date": http_date(time.time() - 60)})
+    async with serve(origin.app(), config=config()) as h:
+        await h.client.get("/r")
+        later = await h.client.get("/r", headers={"if-modified-since": http_date(time.time())})
+        earlier = await h.client.get(
+            "/r", headers={"if-modified-since": http_date(time.time() - 3600)}
+        )
+    assert later.status_code == 304 and earlier.status_code == 200
+    assert origin.calls == 1
+
+
+# -- heuristic freshness (RFC 9111 4.2.2) --------------------------------------------------
+
+
+def dated(days: float, **extra: str) -> dict[str, str]:
+    now = time.time()
+    return {"last-modified": http_date(now - days * 86400), "date": http_date(now), **extra}
+
+
+async def test_last_modified_gives_heuristic_freshness_to_cacheable_statuses() -> None:
+    _, ok = await two_gets(Origin(dated(1)))
+    assert ok.headers["x-cache"] == "HIT"
+    _, not_by_default = await two_gets(Origin(dated(1), status=302))
+    assert not_by_default.headers["x-cache"] == "MISS"  # 302 needs explicit freshness
+    _, public = await two_gets(Origin(dated(1, **{"cache-control": "public"}), status=599))
+    assert public.headers["x-cache"] == "HIT"  # public makes any status heuristic
+    _, off = await two_gets(Origin(dated(1)), heuristic_fraction=0)
+    assert off.headers["x-cache"] == "MISS"
+
+
+async def test_heuristic_freshness_is_bounded_by_heuristic_max() -> None:
+    # 10% of 100 days would be 10 days; heuristic_max (1 hour) is what it gets, so a
+    # response already 2 hours old is stale on arrival.
+    _, second = await two_gets(Origin(dated(100, age="7200")))
+    assert second.headers["x-cache"] == "MISS"
+    _, longer = await two_gets(Origin(dated(100, age="7200")), heuristic_max=86400)
+    assert longer.headers["x-cache"] == "HIT"
