@@ -9,6 +9,8 @@ function takes the hook's arguments positionally, in the hookspec's order.
 from __future__ import annotations
 
 import inspect
+import types
+import typing
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +23,29 @@ from .hookspecs import RESPONSE_HOOKS
 Timing = list[float]
 Entry = tuple[Callable[..., Any], bool, "PluginInfo", Timing]
 Chain = tuple[Entry, ...]
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager, with what `register` finds on a plugin class kept per process.
+
+    pluggy inspects every attribute of a plugin (``inspect.getattr_static``, twice
+    each) at every registration: with all built-in plugins that was most of the
+    cost of building a host. Which attributes of a class are hook implementations
+    does not change, so it is looked up once per (class, attribute). Not cached:
+    modules and classes registered as plugins, and attributes set on the instance.
+    """
+
+    _opts: typing.ClassVar[dict[tuple[type, str], Any]] = {}
+
+    def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
+        if isinstance(plugin, (types.ModuleType, type)) or name in getattr(plugin, "__dict__", ()):
+            return super().parse_hookimpl_opts(plugin, name)
+        key = (type(plugin), name)
+        try:
+            opts = self._opts[key]
+        except KeyError:
+            opts = self._opts[key] = super().parse_hookimpl_opts(plugin, name)
+        return None if opts is None else dict(opts)
 
 
 class PluginInfo:

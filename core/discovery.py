@@ -4,11 +4,19 @@ pluggy's own `load_setuptools_entrypoints` registers everything it finds; here
 discovered is not enabled, so entry points are listed without importing them,
 and only the enabled ones are loaded. A plugin that fails to import is
 reported (`overdrive plugins`) and does not stop the others.
+
+Reading installed-package metadata is most of what building a host costs (about
+20 ms), so the listing is kept per process and read again only when the import
+path changes: an entry of `sys.path` added, removed, or modified (installing or
+removing a package changes its directory's mtime). `forget()` drops it
+explicitly, for a package installed in a way that leaves both unchanged.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -38,8 +46,41 @@ class Discovered:
             ) from exc
 
 
+_cache: tuple[tuple[tuple[str, int], ...], dict[str, Discovered]] | None = None
+
+
+def _path_key() -> tuple[tuple[str, int], ...]:
+    key = []
+    for entry in sys.path:
+        try:
+            mtime = os.stat(entry or ".").st_mtime_ns
+        except OSError:
+            mtime = -1
+        key.append((entry, mtime))
+    return tuple(key)
+
+
+def forget() -> None:
+    """Read the installed plugins again at the next `discover()`."""
+    global _cache
+    _cache = None
+
+
 def discover() -> dict[str, Discovered]:
-    """Every plugin declared through the entry-point group, by name (not imported)."""
+    """Every plugin declared through the entry-point group, by name (not imported).
+
+    A new dict each call (callers may change it); the listing behind it is cached
+    per process while `sys.path` and its directories are unchanged.
+    """
+    global _cache
+    key = _path_key()
+    cached = _cache
+    if cached is None or cached[0] != key:
+        cached = _cache = (key, _read())
+    return dict(cached[1])
+
+
+def _read() -> dict[str, Discovered]:
     found: dict[str, Discovered] = {}
     for ep in entry_points(group=GROUP):
         dist = ep.dist

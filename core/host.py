@@ -24,7 +24,7 @@ import psutil
 import structlog
 
 from . import hookspecs
-from .chains import Chain, PluginInfo, compile_chains
+from .chains import Chain, PluginInfo, PluginManager, compile_chains
 from .config import HostSettings, PluginFlags, resolve_sources
 from .context import Operation
 from .discovery import Discovered, discover, import_path, plugin_name
@@ -73,7 +73,7 @@ class Overdrive(ChainWalker):
             raw.setdefault("redis_url", redis_url)
         self.config = raw
         self.redis_url: str | None = raw.pop("redis_url", None)
-        self.pm = pluggy.PluginManager("overdrive")
+        self.pm = PluginManager("overdrive")
         self.pm.add_hookspecs(hookspecs)
         self.discovered: dict[str, Discovered] = discover()
         self.plugins: dict[str, PluginInfo] = {}

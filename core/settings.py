@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import weakref
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -19,6 +20,21 @@ T = TypeVar("T")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+
+# Per settings class: its resolved type hints and init fields (`get_type_hints`
+# evaluates every annotation string: the larger part of validating a table).
+_shapes: weakref.WeakKeyDictionary[type, tuple[dict[str, Any], dict[str, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _shape(cls: type) -> tuple[dict[str, Any], dict[str, Any]]:
+    shape = _shapes.get(cls)
+    if shape is None:
+        hints = get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        shape = _shapes[cls] = (hints, fields)
+    return shape
 
 
 def validate_settings(cls: type[T], data: Mapping[str, Any] | None, where: str) -> T:
@@ -30,8 +46,7 @@ def validate_settings(cls: type[T], data: Mapping[str, Any] | None, where: str) 
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     data = dict(data or {})
-    hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints, fields = _shape(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(

@@ -99,3 +99,35 @@ def test_enabling_the_broken_one_is_a_startup_error_naming_it(
     assert result.returncode != 0
     assert "plugin 'broken'" in result.stderr
     assert "failed to load" in result.stderr
+
+
+def test_the_cached_listing_sees_a_plugin_installed_or_put_on_the_path_later(
+    plugin_path: Path, tmp_path: Path
+) -> None:
+    """Discovery is read once per process, and again when the import path changes."""
+    later = tmp_path / "later"
+    later.mkdir()
+    script = textwrap.dedent(
+        f"""
+        import shutil, sys
+        from overdrive.discovery import discover, forget
+        sys.path.append({str(later)!r})
+        print("sample" in discover())  # nothing there yet
+        print(discover() == discover())  # cached: the same listing
+        for item in __import__("pathlib").Path({str(plugin_path)!r}).iterdir():
+            copy = shutil.copytree if item.is_dir() else shutil.copy2
+            copy(item, {str(later)!r} + "/" + item.name)  # "installed" into a path entry
+        print("sample" in discover())
+        sys.path.remove({str(later)!r})
+        print("sample" in discover())  # off the path again
+        sys.path.append({str(later)!r})
+        forget()
+        print("sample" in discover())
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OVERDRIVE_")}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True", "True", "False", "True"]
