@@ -24,8 +24,12 @@ A profile is TOML or JSON::
     json = { prompt = "a cat surfing" }
     weight = 5
 
-The client is httpx (already the testing kit's client); `transport=` lets tests
-drive an ASGI app in process.
+The client must cost far less than the service, or the table shows the
+client's own queueing (benchmarks/loadgen.py measures it against wrk on the
+same endpoint). For http:// URLs it is `overdrive.contrib.load_client`:
+keep-alive connections on asyncio protocols with httptools' parser (the `http`
+extra). For https:// or HEAD requests it is aiohttp; with `transport=` (tests
+drive an ASGI app in process) or without those packages, httpx.
 """
 
 from __future__ import annotations
@@ -326,8 +330,6 @@ async def run_load(
     seconds have passed; requests in flight at the deadline are finished and
     counted. The same `seed` gives the same sequence of requests.
     """
-    import httpx
-
     seconds = duration if duration is not None else profile.duration
     clients = concurrency if concurrency is not None else profile.concurrency
     if not seconds > 0 or clients < 1:
@@ -344,16 +346,12 @@ async def run_load(
     done = 0
     failed = 0
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(
-        base_url=base_url.rstrip("/"),
-        timeout=profile.timeout,
-        limits=limits,
-        transport=transport,
-        follow_redirects=False,
-    ) as client:
+    methods = {e.method for e in endpoints}
+    client = _client(base_url, clients, profile.timeout, transport, methods)
+    async with client:
         start = perf_counter()
         deadline = start + seconds
+        errors = client.errors
 
         async def worker(index: int) -> None:
             nonlocal done, failed
@@ -369,20 +367,17 @@ async def run_load(
                 r.requests += 1
                 t0 = perf_counter()
                 try:
-                    async with client.stream(
-                        e.method, path, json=e.json, headers=e.headers or None
-                    ) as response:
-                        async for chunk in response.aiter_raw():
-                            r.bytes += len(chunk)
-                except httpx.HTTPError as exc:
+                    status, verdict, size = await client.request(
+                        e.method, path, e.json, e.headers or None
+                    )
+                except errors as exc:
                     r.failures[type(exc).__name__] += 1
                     failed += 1
                     done += 1
                     await asyncio.sleep(0.01)  # a refused connection must not spin
                     continue
-                status = response.status_code
+                r.bytes += size
                 r.statuses[status] += 1
-                verdict = response.headers.get("x-cache")
                 if verdict:
                     r.cache[verdict.upper()] += 1
                 if status < 400:
@@ -404,6 +399,94 @@ async def run_load(
         elapsed = perf_counter() - start
         bar.update(elapsed, done, failed, final=True)
     return LoadResult(base_url, elapsed, clients, results)
+
+
+# -- the clients ---------------------------------------------------------------------
+
+
+class _HttpxClient:
+    """httpx: for `transport=` (an ASGI app in process) or where aiohttp is missing."""
+
+    def __init__(self, base_url: str, clients: int, timeout: float, transport: Any) -> None:
+        import httpx
+
+        self.errors: tuple[type[BaseException], ...] = (httpx.HTTPError,)
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        self.client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            timeout=timeout,
+            limits=limits,
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    async def __aenter__(self) -> _HttpxClient:
+        await self.client.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.__aexit__(*exc)
+
+    async def request(
+        self, method: str, path: str, body: Any, headers: dict[str, str] | None
+    ) -> tuple[int, str | None, int]:
+        size = 0
+        async with self.client.stream(method, path, json=body, headers=headers) as response:
+            async for chunk in response.aiter_raw():
+                size += len(chunk)
+        return response.status_code, response.headers.get("x-cache"), size
+
+
+class _AiohttpClient:
+    """aiohttp: one keep-alive connection per client, bodies read raw (not decompressed)."""
+
+    def __init__(self, base_url: str, clients: int, timeout: float) -> None:
+        import aiohttp
+
+        self.errors = (aiohttp.ClientError, TimeoutError)
+        self.base = base_url.rstrip("/")
+        self.limit = clients
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.session: Any = None
+
+    async def __aenter__(self) -> _AiohttpClient:
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(limit=self.limit, ttl_dns_cache=300)
+        self.session = aiohttp.ClientSession(
+            self.base, connector=connector, timeout=self.timeout, auto_decompress=False
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.session.close()
+
+    async def request(
+        self, method: str, path: str, body: Any, headers: dict[str, str] | None
+    ) -> tuple[int, str | None, int]:
+        async with self.session.request(
+            method, path, json=body, headers=headers, allow_redirects=False
+        ) as response:
+            size = len(await response.read())
+            return response.status, response.headers.get("x-cache"), size
+
+
+def _client(base_url: str, clients: int, timeout: float, transport: Any, methods: set[str]) -> Any:
+    if transport is None and base_url.startswith("http://") and "HEAD" not in methods:
+        try:
+            from .load_client import FastClient
+        except ImportError:
+            pass
+        else:
+            return FastClient(base_url, timeout)
+    if transport is None:
+        try:
+            import aiohttp  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            return _AiohttpClient(base_url, clients, timeout)
+    return _HttpxClient(base_url, clients, timeout, transport)
 
 
 # -- the summary -----------------------------------------------------------------------
