@@ -424,7 +424,7 @@ class _HttpxClient:
         await self.client.__aenter__()
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, *exc: Any) -> None:
         await self.client.__aexit__(*exc)
 
     async def request(

@@ -128,10 +128,11 @@ class FastClient:
         conn = self._idle.pop() if self._idle else None
         if conn is None or conn.closed:
             loop = asyncio.get_running_loop()
-            _, conn = await asyncio.wait_for(
+            _, made = await asyncio.wait_for(
                 loop.create_connection(_Connection, self.host, self.port), self.timeout
             )
-            self._all.add(conn)
+            self._all.add(made)
+            conn = made
         try:
             async with asyncio.timeout(self.timeout):
                 result = await conn.request(data)

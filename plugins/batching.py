@@ -110,7 +110,7 @@ class Batcher(Generic[T, R]):
         await anyio.lowlevel.checkpoint_if_cancelled()  # a leader cancelled while it ran
         if call.error is not None:
             raise call.error
-        return call.result  # type: ignore[no-any-return]
+        return call.result
 
     def _leave(self, call: _Call[T, R]) -> None:
         """A cancelled caller: out of the queue if still there; a slot it held goes on."""
