@@ -1,6 +1,6 @@
 """Dynamic batching over HTTP: Overdrive's `@overdrive.batch` beside LitServe, under wrk.
 
-Every server (benchmarks/batching_servers.py) is started fresh in a process of its own,
+Every server (benchmarks/_batching_servers.py) is started fresh in a process of its own,
 its answer checked against the model, then loaded by wrk (closed loop, 1 thread) at 1,
 16 and 64 connections on ``POST /predict``. During the 64-connection run a second wrk
 keeps one connection on ``GET /health``: a cheap route's p99 while the model is busy.
@@ -32,7 +32,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from batching_servers import WIDTH, build_model
+from _batching_servers import WIDTH, build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SECONDS = int(sys.argv[1]) if len(sys.argv) > 1 else 6
@@ -62,7 +62,7 @@ def start(kind: str) -> tuple[subprocess.Popen[bytes], int]:
     py = litserve_python() if kind == "litserve" else sys.executable
     env = {**os.environ, "PYTHONPATH": str(ROOT / "benchmarks"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [py, str(ROOT / "benchmarks" / "batching_servers.py"), kind, str(port)],
+        [py, str(ROOT / "benchmarks" / "_batching_servers.py"), kind, str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

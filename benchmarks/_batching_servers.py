@@ -78,7 +78,7 @@ def fastapi_app(kind: str) -> object:
 if __name__ == "__main__":
     kind, port = sys.argv[1], int(sys.argv[2])
     if kind == "litserve":  # run from LitServe's own venv (benchmarks/batching_http.py)
-        from batching_litserve import serve
+        from _batching_litserve import serve
 
         serve(port)
     else:

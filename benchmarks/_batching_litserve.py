@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import litserve as ls
 import torch
-from batching_servers import build_model
+from _batching_servers import build_model
 
 
 class API(ls.LitAPI):  # type: ignore[misc]
