@@ -551,8 +551,12 @@ def run_case(
             or ((path.startswith("/overdrive") or path == "/metrics") and start["status"] < 500)
         )
         assert theirs or (start["status"], body) in answers, (start["status"], body)
-        rid = [v for k, v in start["headers"] if k == b"x-request-id"]
-        assert rid and is_sane(rid[-1]), start["headers"]
+        # One X-Request-ID, never two: the app's own where it set one (kept as it is),
+        # else ours, which is always sane.
+        rid = [v for k, v in start["headers"] if k.lower() == b"x-request-id"]
+        apps_own = [v for k, v in app_plan.headers if k.lower() == b"x-request-id"]
+        assert len(rid) == 1, start["headers"]
+        assert is_sane(rid[0]) or rid[0] in apps_own, start["headers"]
 
     # 4. after_request exactly once; every lease released exactly once.
     assert list(actor.after.values()) == [1]
