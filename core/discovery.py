@@ -22,6 +22,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from .errors import PluginLoadError
+from .extras import install_hint
 
 GROUP = "overdrive.plugins"
 
@@ -40,9 +41,10 @@ class Discovered:
         try:
             return self.entry_point.load()
         except Exception as exc:
+            reason = install_hint(exc) or f"{type(exc).__name__}: {exc}"
             raise PluginLoadError(
                 f"plugin {self.name!r} ({self.value}, from {self.distribution} {self.version}) "
-                f"failed to load: {type(exc).__name__}: {exc}"
+                f"failed to load: {reason}"
             ) from exc
 
 
@@ -109,7 +111,8 @@ def import_path(path: str) -> Any:
         for part in attr.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as exc:
-        raise PluginLoadError(f"plugin path {path!r} failed to load: {exc}") from exc
+        reason = install_hint(exc) or exc
+        raise PluginLoadError(f"plugin path {path!r} failed to load: {reason}") from exc
     return obj
 
 

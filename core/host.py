@@ -29,6 +29,7 @@ from .config import HostSettings, PluginFlags, resolve_sources
 from .context import Operation
 from .discovery import Discovered, discover, import_path, plugin_name
 from .errors import ConfigError, PluginFailure, PluginLoadError
+from .extras import install_hint
 from .routes import RouteRule, RouteTable, parse_rules
 from .settings import validate_settings
 from .sources import Sources
@@ -298,7 +299,10 @@ class Overdrive(ChainWalker):
                 fn(*args)
             except Exception as exc:
                 if startup:
-                    raise ConfigError(f"plugin {info.name!r} failed to configure: {exc}") from exc
+                    reason = install_hint(exc) or exc
+                    raise ConfigError(
+                        f"plugin {info.name!r} failed to configure: {reason}"
+                    ) from exc
                 self.fault(info, hook, exc)
 
     # -- lifecycle (the seed's initialize/cleanup) -------------------------------
