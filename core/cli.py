@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -164,7 +166,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("reference", help="print the configuration reference (Markdown)")
     p.set_defaults(func=cmd_reference)
     args = parser.parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader left (`overdrive config | head`): stop quietly, as a Unix tool does on
+        # SIGPIPE. Later writes (the interpreter's own flush at exit) go to /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     return result
 
 

@@ -98,3 +98,24 @@ def test_config_never_prints_passwords(project: Path, capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert "s3cret" not in out
     assert "redis://app:***@cache.internal:6379/0" in out
+
+
+@pytest.mark.parametrize("command", ["config", "reference"])
+def test_a_closed_pipe_ends_quietly(command: str, project: Path) -> None:
+    import subprocess
+    import sys
+
+    script = "import sys; from overdrive.cli import main; sys.exit(main(sys.argv[1:]))"
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, command],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # `overdrive config | head` once head has what it wanted
+    stderr = process.stderr.read()
+    process.stderr.close()
+    assert process.wait(60) == 141  # 128 + SIGPIPE, as a Unix tool ends
+    assert stderr == ""  # no BrokenPipeError traceback, no "Exception ignored"

@@ -70,13 +70,24 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], seconds: float = 6
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown (lifespan included)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    """Stop a child, gracefully, then by force. A second Ctrl+C or SIGTERM meanwhile is
+    held back until the child is gone, so that it cannot interrupt this and orphan it."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown (lifespan included)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops the launcher as Ctrl+C does: children first
 
 
 @contextlib.contextmanager
@@ -202,7 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-c", "--concurrency", type=int, default=16)
     p.set_defaults(func=cmd_load)
     args = parser.parse_args(argv)
-    result: int = args.func(args)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        result: int = args.func(args)
+    except KeyboardInterrupt:  # every child was stopped on the way out (`finally`)
+        return 130 if args.command == "load" else 0
     return result
 
 

@@ -82,3 +82,31 @@ def test_load_compares_plugins_on_and_off() -> None:
     for row in ("throughput (req/s)", "p99 (ms)", "cache hit rate", "shed (503)"):
         assert row in done.stdout
     assert "plugins on [" in done.stderr and "plugins off [" in done.stderr  # progress
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def test_sigterm_stops_the_launcher_and_both_servers(tmp_path: Path) -> None:
+    port = free_port_pair()
+    env = {**os.environ, "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'demo.db'}"}
+    process = subprocess.Popen(
+        launcher("serve", "--port", str(port)), cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    try:
+        while "dashboard" not in (line := process.stdout.readline()):
+            assert line, "the launcher exited before printing the dashboard"
+        assert not port_free(port) and not port_free(port + 1)
+    finally:
+        process.send_signal(signal.SIGTERM)  # what `kill`, systemd and docker stop send
+        code = process.wait(60)
+        process.stdout.close()
+    assert code == 0
+    assert port_free(port) and port_free(port + 1)  # both children gone, not orphaned
