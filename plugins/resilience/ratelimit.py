@@ -16,11 +16,13 @@ generation may cost 10 hits where a thumbnail costs 1.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass
 from time import monotonic
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import limits
 import limits.aio.strategies
@@ -34,6 +36,8 @@ from .common import REJECTED, reject, route_name
 
 __all__ = ["RateLimitPlugin", "RateLimitSettings", "RateLimiter"]
 
+log = logging.getLogger("overdrive.plugins.ratelimit")
+
 Strategy = Literal["fixed-window", "moving-window", "sliding-window-counter"]
 _SYNC: dict[str, Any] = {
     "fixed-window": limits.strategies.FixedWindowRateLimiter,
@@ -45,6 +49,14 @@ _ASYNC: dict[str, Any] = {
     "moving-window": limits.aio.strategies.MovingWindowRateLimiter,
     "sliding-window-counter": limits.aio.strategies.SlidingWindowCounterRateLimiter,
 }
+
+
+def _redacted(url: str | None) -> str:
+    """`url` without its password, for a log line."""
+    parts = urlsplit(url or "")
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@") if url else ""
+    return url or ""
 
 
 def parse_limits(text: str, key: str) -> list[limits.RateLimitItem]:
@@ -82,6 +94,7 @@ class RateLimiter:
         self.key_prefix = key_prefix
         self.retry_interval = retry_interval
         self._down_until = 0.0
+        self._outage = False  # warned about the current outage
         self.errors = 0
         self.last_error = ""
         if storage_url and not storage_url.startswith("memory://"):
@@ -110,18 +123,24 @@ class RateLimiter:
         remote = self.remote
         if remote is not None and monotonic() >= self._down_until:
             try:
-                if self.strategy == "fixed-window":
-                    return await _fixed_async(remote.storage, items, bucket, key, cost)
-                for item in items:
-                    if not await remote.hit(item, bucket, key, cost=cost):
-                        stats = await remote.get_window_stats(item, bucket, key)
-                        return False, item, 0, stats.reset_time
-                stats = await remote.get_window_stats(items[0], bucket, key)
-                return True, items[0], stats.remaining, stats.reset_time
+                result = await self._remote_hit(remote, items, bucket, key, cost)
             except Exception as exc:  # Redis down or slow: count locally for a while
                 self.errors += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"[:200]
                 self._down_until = monotonic() + self.retry_interval
+                if not self._outage:  # once per outage, not once per request
+                    self._outage = True
+                    log.warning(
+                        "ratelimit: Redis at %s failed (%s); counting per process until "
+                        "it answers again (each worker then allows the full limit)",
+                        _redacted(self.storage_url),
+                        self.last_error,
+                    )
+            else:
+                if self._outage:
+                    self._outage = False
+                    log.warning("ratelimit: Redis answers again; counts are shared again")
+                return result
         local = self.local
         if self.strategy == "fixed-window":
             return _fixed(local.storage, items, bucket, key, cost)
@@ -129,6 +148,18 @@ class RateLimiter:
             if not local.hit(item, bucket, key, cost=cost):
                 return False, item, 0, local.get_window_stats(item, bucket, key).reset_time
         stats = local.get_window_stats(items[0], bucket, key)
+        return True, items[0], stats.remaining, stats.reset_time
+
+    async def _remote_hit(
+        self, remote: Any, items: list[limits.RateLimitItem], bucket: str, key: str, cost: int
+    ) -> tuple[bool, limits.RateLimitItem, int, float]:
+        if self.strategy == "fixed-window":
+            return await _fixed_async(remote.storage, items, bucket, key, cost)
+        for item in items:
+            if not await remote.hit(item, bucket, key, cost=cost):
+                stats = await remote.get_window_stats(item, bucket, key)
+                return False, item, 0, stats.reset_time
+        stats = await remote.get_window_stats(items[0], bucket, key)
         return True, items[0], stats.remaining, stats.reset_time
 
     async def close(self) -> None:

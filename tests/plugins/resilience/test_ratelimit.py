@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -157,3 +158,31 @@ async def test_limiter_on_its_own() -> None:
 def test_nonsense_settings_name_the_key(table: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         Overdrive({"plugins": ["ratelimit"], "ratelimit": table}, env={})
+
+
+async def test_the_fallback_is_a_warning_once_per_outage(  # type: ignore[no-untyped-def]
+    private_redis, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from limits import parse_many
+
+    items = parse_many("100/minute")
+    limiter = RateLimiter("fixed-window", private_redis.url, key_prefix=namespace)
+    limiter.retry_interval = 0.0  # try Redis again at every hit: each one meets the outage
+    try:
+        with caplog.at_level(logging.WARNING, logger="overdrive.plugins.ratelimit"):
+            assert (await limiter.hit(items, "b", "k"))[0]
+            private_redis.kill()
+            for _ in range(5):
+                assert (await limiter.hit(items, "b", "k"))[0]  # counted per process
+            private_redis.start()  # the same port again: the outage ends
+            assert (await limiter.hit(items, "b", "k"))[0]
+            private_redis.kill()  # a second outage is warned about again
+            assert (await limiter.hit(items, "b", "k"))[0]
+        warned = [r.getMessage() for r in caplog.records if r.name == "overdrive.plugins.ratelimit"]
+        assert len(warned) == 3, warned
+        assert "counting per process" in warned[0] and private_redis.url in warned[0]
+        assert "answers again" in warned[1]
+        assert "counting per process" in warned[2]
+        assert limiter.errors == 6
+    finally:
+        await limiter.close()
