@@ -85,7 +85,9 @@ def test_load_compares_plugins_on_and_off() -> None:
 
 
 def port_free(port: int) -> bool:
+    """Free for a new server: nothing listens there (closed connections' TIME_WAIT aside)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
