@@ -28,7 +28,7 @@ from overdrive.host import Overdrive
 from .dependencies import cache_rules
 from .endpoints import endpoint_rules, find_routes
 from .lifespan import run_lifespan, start_on_request
-from .request_id import is_sane, new_request_id, sets_header, without
+from .request_id import is_sane, new_request_id, sets_header
 from .responses import GATEWAY_TIMEOUT, INTERNAL_ERROR, Message, Receive, Scope, Send
 
 Headers = list[tuple[bytes, bytes]]
@@ -131,10 +131,7 @@ class OverdriveMiddleware:
             async def send_with_id(message: Message) -> None:
                 if message["type"] == "http.response.start":
                     headers = list(message.get("headers") or ())
-                    own = sets_header(headers, rid_name)
-                    if not own:
-                        if own is None:
-                            headers = without(headers, rid_name)
+                    if not sets_header(headers, rid_name):
                         headers.append(id_header)
                     message["headers"] = headers
                 await send(message)
@@ -262,10 +259,7 @@ class OverdriveMiddleware:
         None when a fail-closed `on_response_start` plugin raised (answer 500 instead).
         """
         headers = list(original)
-        own = sets_header(original, rid_header[0])
-        if not own:
-            if own is None:
-                headers = without(headers, rid_header[0])
+        if not sets_header(original, rid_header[0]):
             headers.append(rid_header)
         ctx.status = status
         ctx.response_headers = original

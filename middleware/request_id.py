@@ -24,21 +24,14 @@ def is_sane(value: bytes) -> bool:
     return 0 < len(value) <= MAX_LENGTH and not value.translate(None, _ALLOWED)
 
 
-def sets_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bool | None:
-    """True when the response `headers` (ASGI pairs) already carry `name` (lowercase)
-    with a sane value: the app set its own request id, which is kept rather than sent
-    twice. None when the app set one that is not sane (empty, too long, odd bytes): the
-    caller drops it and sends ours, so that what leaves is always sane. False: none."""
+def sets_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bool:
+    """True when the response `headers` (ASGI pairs) already carry `name` (lowercase):
+    the app set its own request id, which is kept rather than sent twice."""
     n = len(name)
-    for key, value in headers:
+    for key, _ in headers:  # noqa: SIM110 (a loop: any() of a generator is slower here)
         if len(key) == n and key.lower() == name:
-            return True if is_sane(value) else None
+            return True
     return False
-
-
-def without(headers: list[tuple[bytes, bytes]], name: bytes) -> list[tuple[bytes, bytes]]:
-    """`headers` less every `name` line (the rare path of an app's insane request id)."""
-    return [(k, v) for k, v in headers if k.lower() != name]
 
 
 def new_request_id() -> str:
