@@ -16,6 +16,7 @@ EXTRA_OF = {
     "aiosqlite": "postgres",
     "asgi_lifespan": "testing",
     "asyncpg": "postgres",
+    "httptools": "http",
     "httpx": "testing",
     "limits": "resilience",
     "msgpack": "redis",
