@@ -477,3 +477,28 @@ async def test_heuristic_freshness_is_bounded_by_heuristic_max() -> None:
     assert second.headers["x-cache"] == "MISS"
     _, longer = await two_gets(Origin(dated(100, age="7200")), heuristic_max=86400)
     assert longer.headers["x-cache"] == "HIT"
+
+
+# -- any event loop ---------------------------------------------------------------------------
+
+
+async def _revalidation_and_invalidation() -> None:
+    origin = Origin({"cache-control": "max-age=0", "etag": '"t"'})
+    origin.not_modified = {"etag": '"t"', "cache-control": "max-age=3600"}
+    async with serve(origin.app(), config=config()) as h:
+        await h.client.get("/r")
+        renewed = await h.client.get("/r")
+        assert renewed.headers["x-cache"] == "HIT" and renewed.text == "v1"
+        await h.client.put("/r")
+        origin.not_modified = None
+        after = await h.client.get("/r")
+        assert after.headers["x-cache"] == "MISS" and after.text == "v4"
+        faults = {n: i.last_error for n, i in h.host.plugins.items() if i.errors}
+        assert faults == {}
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_revalidation_and_invalidation_on_any_event_loop(backend: str) -> None:
+    import anyio
+
+    anyio.run(_revalidation_and_invalidation, backend=backend)
