@@ -1,42 +1,44 @@
-"""`DurableTaskQueue`: the scale-out backend, on taskiq with taskiq-redis' stream broker.
+"""`DurableTaskQueue`: the scale-out backend, on taskiq with a Redis Stream broker.
 
 Why it exists: the in-process queue loses its jobs when the process dies and
-cannot spread them across machines. taskiq's `RedisStreamBroker` keeps jobs in
-a Redis Stream read through a consumer group; a job is acknowledged only after
-it ran, so a job whose worker died stays pending and another worker claims it
-(XAUTOCLAIM) once it has been idle for `idle_timeout` seconds. Messages are
-JSON (taskiq's default serializer): nothing read back from Redis is unpickled.
+cannot spread them across machines. Jobs are kept in a Redis Stream read
+through a consumer group; a job is acknowledged only after it ran, so a job
+whose worker died stays pending and another worker claims it (XAUTOCLAIM) once
+it has been idle for `idle_timeout` seconds. Messages are JSON (taskiq's
+default serializer): nothing read back from Redis is unpickled.
 
-Two things are added to the library's broker here:
-- reclaiming also when the stream is quiet: taskiq-redis 1.2 looks for a dead
-  worker's pending jobs only after new messages arrived, so a crashed job could
-  wait for the next enqueue; `ReclaimingStreamBroker` checks on every poll;
-- acknowledged messages are deleted from the stream (XACK + XDEL), so the
-  stream does not grow without bound.
-And a middleware that carries the request id of the request that queued a job
-(a message label) into the job's structlog context on the worker.
+The broker (`StreamBroker`) is ours, on taskiq's `AsyncBroker`, because
+taskiq-redis 1.2's `RedisStreamBroker` runs jobs twice without any crash (it
+reads 100 messages per consumer, and those waiting behind `max_workers` pass
+`idle_timeout` and are claimed by other consumers while still queued here),
+never recovers from a lost stream (NOGROUP on every poll), and takes no Redis
+Cluster or Sentinel client. See `StreamBroker` for what it does instead.
+A middleware carries the request id of the request that queued a job (a
+message label) into the job's structlog context on the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import structlog
 
 from .processor import TaskError, log_context, logger
 
-__all__ = ["DurableTaskQueue", "TaskNotRegistered", "make_broker"]
+__all__ = ["DurableTaskQueue", "StreamBroker", "TaskNotRegistered", "make_broker"]
 
 try:  # optional extra: overdrive[tasks]
-    from redis.asyncio import Redis
-    from taskiq import TaskiqMessage, TaskiqMiddleware
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import ResponseError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+    from taskiq import AsyncBroker, BrokerMessage, TaskiqMessage, TaskiqMiddleware
     from taskiq.acks import AckableMessage
-    from taskiq_redis import RedisStreamBroker
 except ImportError:  # pragma: no cover - exercised only without the extra
-    RedisStreamBroker = None  # type: ignore[assignment,misc]
+    AsyncBroker = None  # type: ignore[assignment,misc]
 
 
 class TaskNotRegistered(TaskError):
@@ -44,60 +46,241 @@ class TaskNotRegistered(TaskError):
 
 
 def _require() -> None:
-    if RedisStreamBroker is None:  # pragma: no cover
+    if AsyncBroker is None:  # pragma: no cover
         raise ImportError(
             "the durable task backend needs taskiq and taskiq-redis: pip install 'overdrive[tasks]'"
         )
 
 
-if RedisStreamBroker is not None:
+# Keep the idle clock of jobs this consumer is running at zero, for those it still owns.
+# KEYS[1]: the stream. ARGV: group, consumer, id, id, ... -> how many were still ours.
+_HEARTBEAT = """
+local kept = 0
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if p[1] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    kept = kept + 1
+  end
+end
+return kept
+"""
 
-    class ReclaimingStreamBroker(RedisStreamBroker):
-        """taskiq-redis' stream broker, reclaiming dead workers' jobs on every poll."""
 
-        def _ack_generator(self, id: str, queue_name: str) -> Callable[[], Awaitable[None]]:
-            async def _ack() -> None:
-                async with Redis(connection_pool=self.connection_pool) as conn:
-                    await conn.xack(queue_name, self.consumer_group_name, id)
-                    await conn.xdel(queue_name, id)
+def _nogroup(exc: BaseException) -> bool:
+    return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
 
-            return _ack
+
+if AsyncBroker is not None:
+
+    class StreamBroker(AsyncBroker):
+        """A taskiq broker on one Redis Stream and its consumer group (any redis-py client).
+
+        What it adds to taskiq-redis' `RedisStreamBroker`:
+        - one message per read (XREADGROUP and XAUTOCLAIM with COUNT 1): taskiq's
+          receiver asks for the next message only when it has a free slot, so a
+          consumer never holds jobs it has not started (taskiq-redis reads 100 at
+          once, and the ones still waiting pass `idle_timeout` and are run twice);
+        - a heartbeat: every `idle_timeout / 3` the jobs this consumer is running
+          are re-claimed by itself (XCLAIM JUSTID), so a job that runs longer than
+          `idle_timeout` never looks abandoned; a dead worker's jobs stop being
+          renewed and are reclaimed by another worker after `idle_timeout`;
+        - reclaiming on every poll, not only after new messages arrived;
+        - recovery when the stream or its group vanished (an empty Redis restart,
+          FLUSHDB, `DurableTaskQueue.delete()`): NOGROUP re-creates the group (from
+          the stream's start, so jobs queued meanwhile run), and connection errors
+          back off (0.1 s doubling to 5 s) with one log line per outage;
+        - acknowledged messages are deleted (XACK + XDEL): the stream stays bounded;
+        - any client from `overdrive.plugins.redisconn`: Redis, Redis Cluster (the
+          stream is one key, so one slot) or Sentinel.
+        """
+
+        def __init__(
+            self,
+            url: str,
+            queue_name: str = "overdrive:tasks",
+            *,
+            consumer_group: str = "overdrive",
+            consumer_name: str | None = None,
+            idle_timeout: float = 60.0,
+            xread_block: float = 1.0,
+            max_connections: int | None = None,
+        ) -> None:
+            super().__init__()
+            from overdrive.plugins.redisconn import redis_client
+
+            self.url = url
+            self.queue_name = queue_name
+            self.consumer_group_name = consumer_group
+            self.consumer_name = consumer_name or uuid.uuid4().hex
+            self.idle_timeout = idle_timeout
+            # No blocking XREADGROUP: a blocked read cancelled at shutdown could hang
+            # (redis-py 8.2 on Python 3.11). An idle consumer polls instead, the pause
+            # growing from 20 ms to `xread_block`; a job is picked up at most that late.
+            self.poll_max = max(0.02, xread_block)
+            self.redis: Any = redis_client(
+                url,
+                max_connections=max_connections or 16,
+                socket_timeout=5.0,  # a SIGSTOPped Redis must not hang the worker
+                pool_timeout=30.0,
+                retries=2,  # a connection that died with a restarted Redis: reconnect
+            )
+            self._heartbeat_script = self.redis.register_script(_HEARTBEAT)
+            self.running: dict[str, str] = {}  # message id -> stream, delivered and not acked
+            self._heartbeat_task: asyncio.Task[None] | None = None
+            self.recreated_groups = 0
+            self.heartbeats = 0
+            self.listen_errors = 0
+
+        async def _create_group(self) -> bool:
+            try:
+                await self.redis.xgroup_create(
+                    self.queue_name, self.consumer_group_name, id="0", mkstream=True
+                )
+                return True
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+                return False
+
+        async def startup(self) -> None:
+            await super().startup()
+            await self._create_group()
+
+        async def shutdown(self) -> None:
+            from overdrive.plugins.redisconn import close_client
+
+            await self._stop_heartbeat()
+            await close_client(self.redis)
+            await super().shutdown()
+
+        async def kick(self, message: BrokerMessage) -> None:
+            await self.redis.xadd(self.queue_name, {b"data": message.message})
+
+        def _ack(self, msg_id: Any) -> Callable[[], Awaitable[None]]:
+            async def ack() -> None:
+                try:
+                    for attempt in range(3):
+                        try:
+                            await self.redis.xack(self.queue_name, self.consumer_group_name, msg_id)
+                            await self.redis.xdel(self.queue_name, msg_id)
+                            return
+                        except ResponseError as exc:
+                            if _nogroup(exc):  # the stream is gone: nothing left to ack
+                                return
+                            raise
+                        except (RedisConnectionError, RedisTimeoutError, OSError):
+                            if attempt == 2:
+                                raise
+                            await asyncio.sleep(0.2 * (attempt + 1))
+                finally:
+                    self.running.pop(_text(msg_id), None)
+
+            return ack
+
+        def _deliver(self, msg_id: Any, fields: Any) -> AckableMessage:
+            self.running[_text(msg_id)] = self.queue_name
+            return AckableMessage(data=fields[b"data"], ack=self._ack(msg_id))
+
+        async def _next(self) -> tuple[Any, Any] | None:
+            """One message this consumer may start now: a dead worker's first, else new."""
+            group, me, stream = self.consumer_group_name, self.consumer_name, self.queue_name
+            claimed: Any = await self.redis.xautoclaim(
+                stream,
+                group,
+                me,
+                min_idle_time=int(self.idle_timeout * 1000),
+                start_id="0-0",
+                count=1,
+            )
+            for msg_id, fields in claimed[1]:
+                if not fields:  # deleted while pending: nothing to run
+                    await self.redis.xack(stream, group, msg_id)
+                    continue
+                logger.info("reclaimed a pending job", stream=stream, id=_text(msg_id))
+                return msg_id, fields
+            fetched: Any = await self.redis.xreadgroup(group, me, {stream: ">"}, count=1)
+            for _stream, messages in fetched or ():
+                for msg_id, fields in messages:
+                    return msg_id, fields
+            return None
 
         async def listen(self) -> AsyncGenerator[AckableMessage, None]:
-            streams = [self.queue_name, *self.additional_streams]
-            async with Redis(connection_pool=self.connection_pool) as conn:
+            self._start_heartbeat()
+            backoff = 0.0
+            idle = 0.0
+            try:
                 while True:
-                    for stream in streams:
-                        claimed: Any = await conn.xautoclaim(
-                            stream,
-                            self.consumer_group_name,
-                            self.consumer_name,
-                            min_idle_time=self.idle_timeout,
-                            start_id="0-0",
-                            count=self.unacknowledged_batch_size,
-                        )
-                        for msg_id, msg in claimed[1]:
-                            if not msg:  # deleted while pending: nothing to run
-                                await conn.xack(stream, self.consumer_group_name, msg_id)
-                                continue
-                            logger.info("reclaimed a pending job", stream=stream, id=msg_id)
-                            yield AckableMessage(
-                                data=msg[b"data"], ack=self._ack_generator(msg_id, stream)
+                    # shielded: redis-py 8.2 can swallow a cancellation that lands inside
+                    # a command, and the receiver's shutdown then waits forever. A read
+                    # cut off here finishes on its own; a job it took is not started and
+                    # is reclaimed by another worker after `idle_timeout`.
+                    read = asyncio.ensure_future(self._next())
+                    try:
+                        got = await asyncio.shield(read)
+                    except asyncio.CancelledError:
+                        read.add_done_callback(_consume)
+                        raise
+                    except Exception as exc:
+                        if _nogroup(exc):
+                            with contextlib.suppress(Exception):
+                                if await self._create_group():
+                                    self.recreated_groups += 1
+                                    logger.warning(
+                                        "the job stream or its group was gone; re-created",
+                                        stream=self.queue_name,
+                                    )
+                                    continue
+                        self.listen_errors += 1
+                        if not backoff:
+                            logger.warning(
+                                "cannot read jobs from Redis; retrying with back-off",
+                                stream=self.queue_name,
+                                error=f"{type(exc).__name__}: {exc}"[:200],
                             )
-                    wanted: dict[Any, Any] = {self.queue_name: ">", **self.additional_streams}
-                    fetched: Any = await conn.xreadgroup(
-                        self.consumer_group_name,
-                        self.consumer_name,
-                        wanted,
-                        block=self.block,
-                        noack=False,
-                        count=self.count,
+                        backoff = min(max(backoff * 2, 0.1), 5.0)
+                        await asyncio.sleep(backoff)
+                        continue
+                    if backoff:
+                        logger.info("reading jobs from Redis again", stream=self.queue_name)
+                        backoff = 0.0
+                    if got is None:
+                        idle = min(max(idle * 2, 0.02), self.poll_max)
+                        await asyncio.sleep(idle)
+                        continue
+                    idle = 0.0
+                    yield self._deliver(*got)
+            finally:
+                await self._stop_heartbeat()
+
+        def _start_heartbeat(self) -> None:
+            if self._heartbeat_task is None or self._heartbeat_task.done():
+                self._heartbeat_task = asyncio.get_running_loop().create_task(
+                    self._heartbeat(), name="tasks-heartbeat"
+                )
+
+        async def _stop_heartbeat(self) -> None:
+            task, self._heartbeat_task = self._heartbeat_task, None
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()  # bounded wait: a cancellation redis-py swallowed must not hang
+                await asyncio.wait({task}, timeout=1.0)
+                task.add_done_callback(_consume)
+
+        async def _heartbeat(self) -> None:
+            interval = self.idle_timeout / 3
+            while self._heartbeat_task is asyncio.current_task():
+                await asyncio.sleep(interval)
+                ids = list(self.running)
+                if not ids:
+                    continue
+                try:
+                    await self._heartbeat_script(
+                        keys=[self.queue_name],
+                        args=[self.consumer_group_name, self.consumer_name, *ids],
                     )
-                    for stream, messages in fetched or ():
-                        for msg_id, msg in messages:
-                            yield AckableMessage(
-                                data=msg[b"data"], ack=self._ack_generator(msg_id, stream)
-                            )
+                    self.heartbeats += 1
+                except Exception as exc:  # Redis away: the next beat tries again
+                    logger.warning("could not renew running jobs", error=str(exc)[:200])
 
     class RequestIdMiddleware(TaskiqMiddleware):
         """Producer: the caller's request id into the message's labels.
@@ -133,17 +316,25 @@ def make_broker(
 ) -> Any:
     """A taskiq broker on a Redis Stream, for `taskiq worker module:broker` too."""
     _require()
-    broker = ReclaimingStreamBroker(
+    broker = StreamBroker(
         redis_url,
-        queue_name=queue_name,
-        consumer_group_name=consumer_group,
-        consumer_id="0",  # a new group reads jobs queued before it existed
-        idle_timeout=int(idle_timeout * 1000),
-        xread_block=int(xread_block * 1000),
-        max_connection_pool_size=max_connections,
+        queue_name,
+        consumer_group=consumer_group,
+        idle_timeout=idle_timeout,
+        xread_block=xread_block,
+        max_connections=max_connections,
     )
     broker.add_middlewares(RequestIdMiddleware())
     return broker
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: no "exception was never retrieved" at exit
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class DurableTaskQueue:
@@ -246,10 +437,16 @@ class DurableTaskQueue:
             "queue": self.queue_name,
             "submitted": self.submitted,
         }
+        broker = self.broker
+        stats.update(
+            running_here=len(broker.running),
+            groups_recreated=broker.recreated_groups,
+            read_errors=broker.listen_errors,
+        )
         try:
-            async with asyncio.timeout(2.0), Redis.from_url(self.redis_url) as conn:
+            async with asyncio.timeout(2.0), self._connection() as conn:
                 stats["queue_depth"] = await conn.xlen(self.queue_name)
-                pending = await conn.xpending(self.queue_name, self.broker.consumer_group_name)
+                pending = await conn.xpending(self.queue_name, broker.consumer_group_name)
                 stats["pending"] = pending.get("pending", 0) if pending else 0
         except Exception as exc:
             stats["error"] = f"{type(exc).__name__}: {exc}"[:200]
@@ -258,5 +455,19 @@ class DurableTaskQueue:
     async def delete(self) -> None:
         """Remove the stream and its consumer group from Redis (tests, teardown)."""
         with contextlib.suppress(Exception):
-            async with Redis.from_url(self.redis_url) as conn:
+            async with self._connection() as conn:
                 await conn.delete(self.queue_name)
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        """The broker's client while started; else one of its own, closed after use."""
+        if self._started:
+            yield self.broker.redis
+            return
+        from overdrive.plugins.redisconn import close_client, redis_client
+
+        client = redis_client(self.redis_url, max_connections=2)
+        try:
+            yield client
+        finally:
+            await close_client(client)
