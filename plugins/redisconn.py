@@ -43,7 +43,9 @@ __all__ = [
     "is_cluster",
     "is_pool_wait",
     "redis_client",
+    "release_shared",
     "scan_keys",
+    "shared_client",
 ]
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
@@ -228,6 +230,34 @@ class _BoundedCluster(_RedisCluster):
             return await super().execute_command(*args, **kwargs)
         finally:
             slots.release()
+
+
+# One client per (URL, options) per process for the plugins that share state on the
+# request path (rate limiter, breakers): one deliberately sized pool, not one per
+# plugin or per breaker. Reference-counted: the last `release_shared` closes it.
+_SHARED: dict[tuple[Any, ...], list[Any]] = {}
+
+
+def shared_client(url: str, **options: Any) -> Any:
+    """The process's shared client for `url` and `options` (see `redis_client`)."""
+    key = (url, *sorted(options.items()))
+    entry = _SHARED.get(key)
+    if entry is None:
+        entry = _SHARED[key] = [redis_client(url, **options), 0]
+    entry[1] += 1
+    return entry[0]
+
+
+async def release_shared(client: Any) -> None:
+    """Give back a `shared_client`; the last user's release closes it."""
+    for key, entry in list(_SHARED.items()):
+        if entry[0] is client:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del _SHARED[key]
+                await close_client(client)
+            return
+    await close_client(client)
 
 
 async def close_client(client: Any) -> None:

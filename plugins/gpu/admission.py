@@ -129,18 +129,29 @@ local function used_by_device(n)
 end
 """
 
-# KEYS: leases hash (id -> "device:bytes"), expiry zset (id -> ms)
-# ARGV: id, need, ttl_ms, placement, budget_0, budget_1, ...
+# KEYS: leases hash (id -> "device:bytes"), expiry zset (id -> ms), epoch (see RedisLedger)
+# ARGV: id, need, ttl_ms, placement, known, grace_ms, budget_0, budget_1, ...
+# -> the device, -1 (no room), -2 (the ledger was lost: wait while holders re-assert)
 RESERVE = (
     _PURGE
     + _USED
     + """
-local n = #ARGV - 4
+local epoch = redis.call('GET', KEYS[3])
+if not epoch then
+  if ARGV[5] == '1' then
+    redis.call('SET', KEYS[3], now)
+    return -2
+  end
+  redis.call('SET', KEYS[3], 0)
+elseif tonumber(epoch) > 0 and now < tonumber(epoch) + tonumber(ARGV[6]) then
+  return -2
+end
+local n = #ARGV - 6
 local used = used_by_device(n)
 local need = tonumber(ARGV[2])
 local best, left = -1, -1
 for i = 1, n do
-  local room = tonumber(ARGV[4 + i]) - used[i] - need
+  local room = tonumber(ARGV[6 + i]) - used[i] - need
   if room >= 0 then
     if ARGV[4] == 'first_fit' then best = i - 1; break end
     if best < 0 or room < left then best = i - 1; left = room end
@@ -153,6 +164,24 @@ end
 return best
 """
 )
+
+# Leases this worker holds that Redis lost (restarted empty, flushed): written back, and
+# the epoch marks a recovery so that no worker admits a new claim for grace_ms.
+# ARGV: ttl_ms, id, "device:bytes", id, "device:bytes", ... -> how many were re-written
+REASSERT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local written = 0
+for i = 2, #ARGV, 2 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then written = written + 1 end
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[1]), ARGV[i])
+end
+if written > 0 then
+  local epoch = redis.call('GET', KEYS[3])
+  if not epoch or tonumber(epoch) == 0 then redis.call('SET', KEYS[3], now) end
+end
+return written
+"""
 
 RELEASE = """
 redis.call('ZREM', KEYS[2], ARGV[1])
@@ -186,7 +215,20 @@ class RedisLedger:
     Each lease has an expiry (`lease_ttl` seconds, renewed by the holder's
     heartbeat); a crashed worker's leases lapse and their memory comes back.
     Budgets are passed by the caller on every reserve, so each worker's own view
-    of device memory bounds what it admits.
+    of device memory bounds what it admits. The keys share one hash tag
+    (``{prefix}:leases``...), so the scripts run on a Redis Cluster too.
+
+    Losing the ledger (Redis restarted empty, flushed, failed over without the
+    data) must not admit claims against memory that is still in use. The
+    `epoch` key says the ledger exists; a worker that has used the ledger
+    before and finds it gone marks a recovery, and for `grace` seconds no
+    worker admits a new claim (they wait in the queue) while every holder's
+    `heartbeat` writes its leases back. `grace` must exceed the holders'
+    heartbeat interval. A brand-new ledger (first start) has no grace.
+
+    A release that fails (Redis away, every connection busy) is kept and
+    retried by `heartbeat`; the lease is no longer renewed meanwhile, so at
+    worst it lapses after `lease_ttl`.
     """
 
     def __init__(
@@ -195,36 +237,87 @@ class RedisLedger:
         prefix: str = "overdrive:gpu",
         lease_ttl: float = 60.0,
         placement: Placement = "best_fit",
+        grace: float | None = None,
     ) -> None:
+        from overdrive.plugins.redisconn import hash_tag
+
         self.client = client
-        self.keys = [f"{prefix}:leases", f"{prefix}:expiry"]
+        tag = hash_tag(prefix)
+        self.keys = [f"{tag}:leases", f"{tag}:expiry", f"{tag}:epoch"]
         self.ttl_ms = int(lease_ttl * 1000)
+        self.heartbeat_interval = min(lease_ttl / 3, 2.0)
+        self.grace_ms = int((self.heartbeat_interval + 1.0 if grace is None else grace) * 1000)
         self.placement: Placement = placement
         self._reserve = client.register_script(RESERVE)
         self._release = client.register_script(RELEASE)
         self._renew = client.register_script(RENEW)
         self._used = client.register_script(USED)
-        self.mine: set[str] = set()
+        self._reassert = client.register_script(REASSERT)
+        self.held: dict[str, str] = {}  # lease id -> "device:bytes", held by this worker
+        self.unreleased: set[str] = set()  # releases that failed; retried by heartbeat
+        self.known = False  # this worker has seen the ledger: a missing one was lost
+        self.reasserted = 0
+
+    @property
+    def mine(self) -> set[str]:
+        return set(self.held)
 
     async def reserve(self, lease_id: str, need: int, budgets: Sequence[int]) -> int:
-        args = [lease_id, need, self.ttl_ms, self.placement, *budgets]
+        args = [
+            lease_id,
+            need,
+            self.ttl_ms,
+            self.placement,
+            "1" if self.known else "0",
+            self.grace_ms,
+            *budgets,
+        ]
         device = int(await self._reserve(keys=self.keys, args=args))
+        self.known = True
+        if device == -2:  # the ledger was lost: ours back first, then wait
+            await self.reassert()
+            return -1
         if device >= 0:
-            self.mine.add(lease_id)
+            self.held[lease_id] = f"{device}:{need}"
         return device
 
     async def release(self, lease_id: str, device: int, need: int) -> bool:
-        self.mine.discard(lease_id)
-        return bool(await self._release(keys=self.keys, args=[lease_id]))
+        self.held.pop(lease_id, None)
+        try:
+            return bool(await self._release(keys=self.keys[:2], args=[lease_id]))
+        except Exception:
+            self.unreleased.add(lease_id)  # never lost: the heartbeat tries again
+            raise
 
     async def renew(self) -> int:
         """Push back the expiry of this worker's leases; returns how many were renewed."""
-        if not self.mine:
+        if not self.held:
             return 0
-        return int(await self._renew(keys=self.keys, args=[self.ttl_ms, *self.mine]))
+        return int(await self._renew(keys=self.keys[:2], args=[self.ttl_ms, *self.held]))
+
+    async def reassert(self) -> int:
+        """Write back those of this worker's leases that Redis lost; returns how many."""
+        if not self.held:
+            return 0
+        pairs = [x for item in self.held.items() for x in item]
+        written = int(await self._reassert(keys=self.keys, args=[self.ttl_ms, *pairs]))
+        self.reasserted += written
+        return written
+
+    async def heartbeat(self) -> tuple[int, int]:
+        """Retry failed releases, renew the leases held, write back lost ones.
+
+        Returns (renewed, re-asserted)."""
+        for lease_id in list(self.unreleased):
+            await self._release(keys=self.keys[:2], args=[lease_id])
+            self.unreleased.discard(lease_id)
+        held = len(self.held)
+        renewed = await self.renew()
+        lost = await self.reassert() if renewed < held else 0
+        return renewed, lost
 
     async def used(self, devices: int) -> list[int]:
-        return [int(x) for x in await self._used(keys=self.keys, args=[devices])]
+        return [int(x) for x in await self._used(keys=self.keys[:2], args=[devices])]
 
 
 @dataclass(slots=True, eq=False)

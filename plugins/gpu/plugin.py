@@ -10,6 +10,7 @@ answering 503 + Retry-After) and returns a `Lease`; the middleware calls
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -167,12 +168,24 @@ class GPUPlugin(Plugin):
             if torch is not None and torch.cuda.is_available():
                 self.probe = PeakProbe(torch.cuda)
         if s.redis_url is not None:
-            from redis.asyncio import Redis
+            from overdrive.plugins.redisconn import redis_client
 
             url = host.redis_url if s.redis_url == "host" else s.redis_url
             if not url:
                 raise ConfigError("gpu.redis_url: 'host' given but the host has no redis_url")
-            self.redis = Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+            try:
+                # a waiting pool: a burst of releases queues for a connection instead of
+                # failing with MaxConnectionsError (and leaking its memory until lease_ttl)
+                self.redis = redis_client(
+                    url,
+                    max_connections=32,
+                    pool_timeout=10.0,
+                    socket_timeout=2.0,
+                    connect_timeout=2.0,
+                    retries=1,
+                )
+            except ValueError as exc:
+                raise ConfigError(f"gpu.redis_url: {exc}") from None
             self._ledger = RedisLedger(self.redis, s.redis_prefix, s.lease_ttl, s.placement)
         self.admission = Admission(
             [0] * count,
@@ -204,8 +217,13 @@ class GPUPlugin(Plugin):
         self._tasks.clear()
         if self.admission is not None:
             await self.admission.close()
+        if self._ledger is not None and self._ledger.unreleased:
+            with contextlib.suppress(Exception):
+                await self._ledger.heartbeat()  # a last try for failed releases
         if self.redis is not None:
-            await self.redis.aclose()
+            from overdrive.plugins.redisconn import close_client
+
+            await close_client(self.redis)
 
     def measure_budgets(self) -> list[int]:
         """Set each idle device's budget: the cap, or free memory minus the margin."""
@@ -233,13 +251,18 @@ class GPUPlugin(Plugin):
                 logger.exception("gpu: could not re-read device memory")
 
     async def _heartbeat(self) -> None:
-        assert self._ledger is not None
+        ledger = self._ledger
+        assert ledger is not None
         while True:
-            await asyncio.sleep(self.settings.lease_ttl / 3)
+            await asyncio.sleep(ledger.heartbeat_interval)
             try:
-                held = len(self._ledger.mine)
-                renewed = await self._ledger.renew()
-                if renewed < held:
+                held = len(ledger.held)
+                renewed, lost = await ledger.heartbeat()
+                if lost:
+                    logger.warning(
+                        "gpu: Redis had lost %d of %d lease(s); written back", lost, held
+                    )
+                elif renewed < held:
                     logger.warning("gpu: %d lease(s) had lapsed in Redis", held - renewed)
             except Exception as exc:
                 logger.warning("gpu: could not renew leases in Redis: %s", exc)

@@ -27,10 +27,12 @@ from urllib.parse import urlsplit
 import limits
 import limits.aio.strategies
 import limits.strategies
+from limits.aio.storage import RedisStorage
 from limits.storage import MemoryStorage
 
 from overdrive import Plugin, hookimpl
 from overdrive.errors import ConfigError
+from overdrive.plugins.redisconn import is_pool_wait
 
 from .common import REJECTED, reject, route_name
 
@@ -96,21 +98,19 @@ class RateLimiter:
         self._down_until = 0.0
         self._outage = False  # warned about the current outage
         self.errors = 0
+        self.pool_waits = 0  # hits counted locally because every connection was busy
         self.last_error = ""
         if storage_url and not storage_url.startswith("memory://"):
-            url = storage_url if storage_url.startswith("async+") else f"async+{storage_url}"
-            import redis.asyncio
-            from limits.aio.storage import RedisStorage
+            from overdrive.plugins.redisconn import shared_client
 
-            # our own pool: short timeouts (a hung Redis must not hold requests), and
-            # something to close at shutdown
-            self._pool = redis.asyncio.ConnectionPool.from_url(
-                url.removeprefix("async+"), socket_timeout=0.25, socket_connect_timeout=0.25
-            )
-            storage = RedisStorage(
-                url, implementation="redispy", key_prefix=key_prefix, connection_pool=self._pool
-            )
-            self.remote = _ASYNC[strategy](storage)
+            url = storage_url.removeprefix("async+")
+            # The process's shared pool (the breakers' too): sized, and a burst waits
+            # for a connection instead of failing and counting locally (a burst of 200
+            # on redis-py's 100-connection pool let 200 of 100 through). The command
+            # timeout bounds a hung Redis; the connect timeout is generous, as a cold
+            # burst opens connections on a busy loop.
+            self._pool = shared_client(url, **REDIS_OPTIONS)
+            self.remote = _ASYNC[strategy](_ClientStorage(self._pool, key_prefix))
 
     @property
     def fallback(self) -> bool:
@@ -125,6 +125,9 @@ class RateLimiter:
             try:
                 result = await self._remote_hit(remote, items, bucket, key, cost)
             except Exception as exc:  # Redis down or slow: count locally for a while
+                if is_pool_wait(exc):  # every connection busy: not Redis failing
+                    self.pool_waits += 1
+                    return await self._local_hit(items, bucket, key, cost)
                 self.errors += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"[:200]
                 self._down_until = monotonic() + self.retry_interval
@@ -141,6 +144,11 @@ class RateLimiter:
                     self._outage = False
                     log.warning("ratelimit: Redis answers again; counts are shared again")
                 return result
+        return await self._local_hit(items, bucket, key, cost)
+
+    async def _local_hit(
+        self, items: list[limits.RateLimitItem], bucket: str, key: str, cost: int
+    ) -> tuple[bool, limits.RateLimitItem, int, float]:
         local = self.local
         if self.strategy == "fixed-window":
             return _fixed(local.storage, items, bucket, key, cost)
@@ -163,10 +171,12 @@ class RateLimiter:
         return True, items[0], stats.remaining, stats.reset_time
 
     async def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
+        client, self._pool = self._pool, None
+        if client is not None:
+            from overdrive.plugins.redisconn import release_shared
+
             with contextlib.suppress(Exception):
-                await pool.disconnect()
+                await release_shared(client)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -174,8 +184,32 @@ class RateLimiter:
             if self.remote is None
             else ("local-fallback" if self.fallback else "redis"),
             "storage_errors": self.errors,
+            "pool_waits": self.pool_waits,
             "last_error": self.last_error,
         }
+
+
+# The shared client of the rate limiter and the breakers (overdrive.plugins.redisconn).
+REDIS_OPTIONS: dict[str, Any] = {
+    "max_connections": 32,
+    "pool_timeout": 2.0,
+    "socket_timeout": 0.5,
+    "connect_timeout": 2.0,
+}
+
+
+class _ClientStorage(RedisStorage):
+    """limits' async Redis storage on a client of ours (any of redisconn's: Redis,
+    Cluster, Sentinel), instead of one it would build from a URL itself."""
+
+    def __init__(self, client: Any, key_prefix: str) -> None:
+        self._od_client = client
+        super().__init__("async+redis://", implementation="redispy", key_prefix=key_prefix)
+
+    def configure_bridge(self) -> None:
+        bridge: Any = self.bridge
+        bridge.storage = self._od_client
+        bridge.connection_getter = lambda _readonly: self._od_client
 
 
 # A fixed window through the storage's public `incr`: one call gives both the verdict and
@@ -257,9 +291,12 @@ class RateLimitPlugin(Plugin):
                 raise ConfigError(
                     f"ratelimit.storage_url: {s.storage_url!r} needs a host redis_url"
                 )
-        self.limiter = RateLimiter(
-            s.strategy, url, key_prefix=s.key_prefix, retry_interval=s.redis_retry_interval
-        )
+        try:
+            self.limiter = RateLimiter(
+                s.strategy, url, key_prefix=s.key_prefix, retry_interval=s.redis_retry_interval
+            )
+        except ValueError as exc:  # a URL scheme redisconn does not know
+            raise ConfigError(f"ratelimit.storage_url: {exc}") from None
 
     def _route(self, ctx: Any, s: RateLimitSettings) -> Any:
         entry = None

@@ -115,6 +115,7 @@ class SharedState:
         self._script: Any = None
         self._down_until = 0.0
         self.errors = 0
+        self.pool_waits = 0
         self.last_error = ""
         self._pending: list[tuple[str, ...]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -124,12 +125,12 @@ class SharedState:
         return monotonic() >= self._down_until
 
     def _connect(self) -> None:
-        import redis.asyncio as redis
+        from overdrive.plugins.redisconn import shared_client
 
-        timeout = 0.25
-        self._client = redis.Redis.from_url(
-            self.url, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+        from .ratelimit import REDIS_OPTIONS
+
+        # the process's shared pool (the rate limiter's too), not one per breaker
+        self._client = shared_client(self.url, **REDIS_OPTIONS)
         self._script = self._client.register_script(_SCRIPT)
 
     async def _run(self, *args: Any) -> tuple[str, float] | None:
@@ -145,13 +146,15 @@ class SharedState:
                 self._pending.pop(0)
             raw = await self._script(keys=[self.key], args=[args[0], _KEY_TTL_MS, *args[1:]])
         except Exception as exc:  # Redis down, timed out, refused: run on local state
+            from overdrive.plugins.redisconn import is_pool_wait
+
+            if is_pool_wait(exc):  # every shared connection busy: this call only
+                self.pool_waits += 1
+                return None
             self.errors += 1
             self.last_error = f"{type(exc).__name__}: {exc}"[:200]
             self._down_until = monotonic() + self.config.redis_retry_interval
-            client, self._client = self._client, None
-            if client is not None:
-                self._spawn(_close(client))
-            return None
+            return None  # the shared client reconnects by itself at the next try
         state = raw[0].decode() if isinstance(raw[0], bytes) else str(raw[0])
         return state, int(raw[1]) / 1000.0
 
@@ -206,9 +209,7 @@ class SharedState:
                 await task
         client, self._client = self._client, None
         if client is not None:
-            await _close(client)
+            from overdrive.plugins.redisconn import release_shared
 
-
-async def _close(client: Any) -> None:
-    with contextlib.suppress(Exception):
-        await client.aclose()
+            with contextlib.suppress(Exception):
+                await release_shared(client)
