@@ -31,7 +31,7 @@ script touches together live in one cluster slot.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -45,6 +45,7 @@ __all__ = [
     "redis_client",
     "release_shared",
     "scan_keys",
+    "scan_pages",
     "shared_client",
 ]
 
@@ -232,7 +233,7 @@ class _BoundedCluster(_RedisCluster):
             slots.release()
 
 
-# One client per (URL, options) per process for the plugins that share state on the
+# One client per (event loop, URL, options) per process for the plugins that share state on the
 # request path (rate limiter, breakers): one deliberately sized pool, not one per
 # plugin or per breaker. Reference-counted: the last `release_shared` closes it.
 _SHARED: dict[tuple[Any, ...], list[Any]] = {}
@@ -240,7 +241,11 @@ _SHARED: dict[tuple[Any, ...], list[Any]] = {}
 
 def shared_client(url: str, **options: Any) -> Any:
     """The process's shared client for `url` and `options` (see `redis_client`)."""
-    key = (url, *sorted(options.items()))
+    try:  # a client's connections belong to the loop that opened them
+        loop: int | None = id(asyncio.get_running_loop())
+    except RuntimeError:
+        loop = None
+    key = (loop, url, *sorted(options.items()))
     entry = _SHARED.get(key)
     if entry is None:
         entry = _SHARED[key] = [redis_client(url, **options), 0]
@@ -269,6 +274,29 @@ async def close_client(client: Any) -> None:
             await pool.disconnect()
     except Exception:  # closing a dead connection may fail; nothing left to do
         pass
+
+
+def scan_pages(client: Any) -> list[Callable[..., Awaitable[tuple[int, list[Any]]]]]:
+    """One SCAN page function per server to walk: ``await page(cursor, match=, count=)``
+    gives ``(next cursor, keys)``. A cluster has one per master, each with its own
+    cursor (a cursor from one node means nothing to another); otherwise one."""
+    if not is_cluster(client):
+
+        async def plain(cursor: int, **kwargs: Any) -> tuple[int, list[Any]]:
+            cur, keys = await client.scan(cursor, **kwargs)
+            return int(cur), list(keys)
+
+        return [plain]
+
+    def node_page(node: Any) -> Callable[..., Awaitable[tuple[int, list[Any]]]]:
+        async def page(cursor: int, **kwargs: Any) -> tuple[int, list[Any]]:
+            cursors, keys = await client.scan(cursor, target_nodes=node, **kwargs)
+            cur = next(iter(cursors.values())) if isinstance(cursors, dict) else cursors
+            return int(cur), list(keys)
+
+        return page
+
+    return [node_page(node) for node in client.get_primaries()]
 
 
 async def scan_keys(client: Any, match: str | bytes, count: int = 1000) -> AsyncIterator[Any]:

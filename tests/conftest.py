@@ -76,6 +76,22 @@ def private_redis() -> Iterator[RedisServer]:
         server.close()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[str]:
+    """A real local 3-master Redis Cluster for the session; its `redis+cluster://` URL."""
+    from tests.support.cluster import LocalCluster
+
+    if not LocalCluster.available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server / redis-cli are not installed (CI=true)")
+        pytest.skip("redis-server (and redis-cli) are not installed: no local Redis Cluster")
+    cluster = LocalCluster().start()
+    try:
+        yield cluster.url
+    finally:
+        cluster.close()
+
+
 @pytest.fixture
 async def fault_proxy() -> AsyncIterator[object]:
     """A factory: ``proxy = await fault_proxy(host, port)``; closed at teardown."""

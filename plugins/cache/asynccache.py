@@ -408,19 +408,26 @@ class AsyncCache:
             await self._publish({"c": 1})
 
     async def _scan_delete(self, pattern: bytes) -> int:
+        from overdrive.plugins.redisconn import scan_pages
+
         redis = self.redis
         assert redis is not None
-        count, cursor = 0, 0
-        while True:
-            result = await redis.call(redis.client.scan, cursor, match=pattern, count=1000)
-            if result is FAULT:
-                return count
-            cursor, keys = result
-            if keys:
-                n = await redis.call(redis.client.delete, *keys)
-                count += n if isinstance(n, int) else 0
-            if not cursor:
-                return count
+        count = 0
+        # one cursor per master on a Redis Cluster (a node's cursor means nothing to
+        # another node), one page per command so each stays under redis_timeout
+        for page in scan_pages(redis.client):
+            cursor = 0
+            while True:
+                result = await redis.call(page, cursor, match=pattern, count=1000)
+                if result is FAULT:
+                    return count
+                cursor, keys = result
+                if keys:
+                    n = await redis.call(redis.client.delete, *keys)
+                    count += n if isinstance(n, int) else 0
+                if not cursor:
+                    break
+        return count
 
     # -- other workers ----------------------------------------------------------------
 

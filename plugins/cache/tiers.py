@@ -179,6 +179,14 @@ def make_redis_client(url: str, timeout: float, max_connections: int = 512) -> A
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
+    from overdrive.plugins.redisconn import CLUSTER_SCHEMES, SENTINEL_SCHEMES, redis_client
+
+    if url.split("://", 1)[0].lower() in CLUSTER_SCHEMES + SENTINEL_SCHEMES:
+        # Redis Cluster / Sentinel: the shared helper's client (its own slot-aware pools)
+        return redis_client(
+            url, max_connections=max_connections, pool_timeout=timeout, connect_timeout=timeout
+        )
+
     # No socket_timeout: redis-py would wrap every send in asyncio.wait_for (a task per
     # command); RedisTier.call bounds each command with a cheaper asyncio.timeout.
     # A plain pool (a blocking one costs a lock and a timer per command); past

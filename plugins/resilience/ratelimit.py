@@ -100,17 +100,26 @@ class RateLimiter:
         self.errors = 0
         self.pool_waits = 0  # hits counted locally because every connection was busy
         self.last_error = ""
+        self._url: str | None = None
         if storage_url and not storage_url.startswith("memory://"):
-            from overdrive.plugins.redisconn import shared_client
+            from overdrive.plugins.redisconn import redis_client
 
-            url = storage_url.removeprefix("async+")
-            # The process's shared pool (the breakers' too): sized, and a burst waits
-            # for a connection instead of failing and counting locally (a burst of 200
-            # on redis-py's 100-connection pool let 200 of 100 through). The command
-            # timeout bounds a hung Redis; the connect timeout is generous, as a cold
-            # burst opens connections on a busy loop.
-            self._pool = shared_client(url, **REDIS_OPTIONS)
-            self.remote = _ASYNC[strategy](_ClientStorage(self._pool, key_prefix))
+            self._url = storage_url.removeprefix("async+")
+            redis_client(self._url)  # a bad URL stops startup (ValueError) before any use
+            self.remote = True  # the storage itself is made in the loop that uses it
+
+    def _connect(self) -> Any:
+        from overdrive.plugins.redisconn import shared_client
+
+        # The process's shared pool (the breakers' too): sized, and a burst waits for a
+        # connection instead of failing and counting locally (a burst of 200 on
+        # redis-py's 100-connection pool let 200 of 100 through). The command timeout
+        # bounds a hung Redis; the connect timeout is generous, as a cold burst opens
+        # connections on a busy loop.
+        assert self._url is not None
+        self._pool = shared_client(self._url, **REDIS_OPTIONS)
+        self.remote = _ASYNC[self.strategy](_ClientStorage(self._pool, self.key_prefix))
+        return self.remote
 
     @property
     def fallback(self) -> bool:
@@ -122,6 +131,8 @@ class RateLimiter:
         """(allowed, the limit that decided, remaining, reset epoch seconds)."""
         remote = self.remote
         if remote is not None and monotonic() >= self._down_until:
+            if remote is True:
+                remote = self._connect()
             try:
                 result = await self._remote_hit(remote, items, bucket, key, cost)
             except Exception as exc:  # Redis down or slow: count locally for a while
