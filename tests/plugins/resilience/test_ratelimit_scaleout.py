@@ -68,6 +68,7 @@ async def test_the_limiter_and_the_breakers_share_one_pool(redis_url: str, names
     config = CircuitBreakerConfig(redis_url=redis_url, redis_key_prefix=f"{namespace}:cb:")
     breakers = [CircuitBreaker(f"b{i}", config) for i in range(3)]
     try:
+        await limiter.hit([limits.parse("10/minute")], "shared", "k")  # connects on first use
         for b in breakers:
             await b._shared.read()
         clients = {id(b._shared._client) for b in breakers}
