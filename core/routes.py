@@ -34,16 +34,38 @@ class RouteRule:
 
 
 class RoutePolicy:
-    """What applies to one (method, path): the effective settings of every plugin."""
+    """What applies to one (method, path): the effective settings of every plugin.
 
-    __slots__ = ("rules", "settings")
+    Also what the middleware needs to bound the request, compiled once from the
+    settings objects that name it: `deadline` (seconds from the request's start;
+    the least `request_deadline` of any plugin's settings), `body_deadline` (the
+    least `body_deadline`) and `body_first` (bytes of body to read before
+    admission; the largest `body_before_admission`). `guarded` is True when any
+    of them is set.
+    """
+
+    __slots__ = ("body_deadline", "body_first", "deadline", "guarded", "rules", "settings")
 
     def __init__(self, settings: dict[str, Any], rules: tuple[RouteRule, ...] = ()) -> None:
         self.settings = settings
         self.rules = rules
+        self.deadline = _least(settings, "request_deadline")
+        self.body_deadline = _least(settings, "body_deadline")
+        self.body_first = max(
+            (int(getattr(s, "body_before_admission", 0) or 0) for s in settings.values()),
+            default=0,
+        )
+        self.guarded = (
+            self.deadline is not None or self.body_deadline is not None or self.body_first > 0
+        )
 
     def __repr__(self) -> str:
         return f"RoutePolicy(rules={[r.path for r in self.rules]!r})"
+
+
+def _least(settings: dict[str, Any], name: str) -> float | None:
+    values = [v for s in settings.values() if (v := getattr(s, name, None)) is not None]
+    return float(min(values)) if values else None
 
 
 class _Node:

@@ -25,11 +25,20 @@ from overdrive.context import CapturedResponse, Lease, RequestContext
 from overdrive.errors import OverdriveError, PluginFailure
 from overdrive.host import Overdrive
 
+from .deadline import Deadline, ReplayReceive, may_have_body, read_ahead
 from .dependencies import cache_rules
 from .endpoints import endpoint_rules, find_routes
 from .lifespan import run_lifespan, start_on_request
 from .request_id import is_sane, new_request_id, sets_header
-from .responses import GATEWAY_TIMEOUT, INTERNAL_ERROR, Message, Receive, Scope, Send
+from .responses import (
+    BODY_TIMEOUT,
+    GATEWAY_TIMEOUT,
+    INTERNAL_ERROR,
+    Message,
+    Receive,
+    Scope,
+    Send,
+)
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -184,50 +193,11 @@ class OverdriveMiddleware:
         if every:
             host._ticks += 1
             host.timed = host._ticks % every == 0
-        response = None
         try:
-            if chains.get("before_request"):
-                response = host.first("before_request", ctx)
-                if type(response) is CoroutineType:
-                    response = await response
-                ctx.t_admitted = perf_counter()
-                receive = ctx.receive  # type: ignore[assignment]  # a plugin may replay a body it read
-            if response is None and chains.get("cache_lookup"):
-                response = host.first("cache_lookup", ctx)
-                if type(response) is CoroutineType:
-                    response = await response
-            if response is None and chains.get("gpu_allocate"):
-                result = host.first("gpu_allocate", ctx)
-                if type(result) is CoroutineType:
-                    result = await result
-                if isinstance(result, Lease):
-                    ctx.lease = result
-                else:
-                    response = result
-            if response is not None:
-                try:
-                    await response(scope, receive, send_wrapper)
-                except Exception as exc:
-                    # A plugin's response broke. Before the start, the client gets a 500
-                    # (never the plugin's exception); after it, the server must abort.
-                    if ctx.response_started:
-                        raise
-                    ctx.error = exc
-                    logger.error("short-circuit response raised", error=repr(exc))
-                    await INTERNAL_ERROR(scope, receive, send_wrapper)
+            if policy.guarded:  # a deadline, a body deadline or a body to read first
+                await self._guarded(ctx, scope, send_wrapper, on_failure)
             else:
-                ctx.t_app = perf_counter()
-                if ctx.timeout is None and not on_failure:
-                    try:
-                        await self.app(scope, receive, send_wrapper)
-                    except Exception as exc:
-                        ctx.error = exc  # for after_request (logs, metrics); then as before
-                        raise
-                else:
-                    await self._call_app(ctx, scope, receive, send_wrapper, on_failure)
-                # Only the app's own response is stored: never a fallback, a 504, a 500.
-                if ctx.capture is not None and not ctx.replaced and ctx.error is None:
-                    await self._store(ctx)
+                await self._phases(ctx, scope, receive, send_wrapper, on_failure)
         except PluginFailure as exc:
             # Already logged and counted; the client gets a 500 without the exception text.
             ctx.error = ctx.error or exc
@@ -247,6 +217,111 @@ class OverdriveMiddleware:
             # ctx.scope -> scope -> ctx is a cycle: break it so that both are freed now
             # by reference counting, not later by the garbage collector.
             scope.pop("overdrive.ctx", None)
+
+    async def _phases(
+        self,
+        ctx: RequestContext,
+        scope: Scope,
+        receive: Receive,
+        send_wrapper: Send,
+        on_failure: Any,
+    ) -> None:
+        """The request hooks, then the app or a plugin's answer, then cache_store."""
+        host = self.host
+        chains = host.chains
+        response = None
+        if chains.get("before_request"):
+            response = host.first("before_request", ctx)
+            if type(response) is CoroutineType:
+                response = await response
+            ctx.t_admitted = perf_counter()
+            receive = ctx.receive  # type: ignore[assignment]  # a plugin may replay a body it read
+        if response is None and chains.get("cache_lookup"):
+            response = host.first("cache_lookup", ctx)
+            if type(response) is CoroutineType:
+                response = await response
+        if response is None and chains.get("gpu_allocate"):
+            result = host.first("gpu_allocate", ctx)
+            if type(result) is CoroutineType:
+                result = await result
+            if isinstance(result, Lease):
+                ctx.lease = result
+            else:
+                response = result
+        if response is not None:
+            try:
+                await response(scope, receive, send_wrapper)
+            except Exception as exc:
+                # A plugin's response broke. Before the start, the client gets a 500
+                # (never the plugin's exception); after it, the server must abort.
+                if ctx.response_started:
+                    raise
+                ctx.error = exc
+                logger.error("short-circuit response raised", error=repr(exc))
+                await INTERNAL_ERROR(scope, receive, send_wrapper)
+        else:
+            ctx.t_app = perf_counter()
+            if ctx.timeout is None and not on_failure:
+                try:
+                    await self.app(scope, receive, send_wrapper)
+                except Exception as exc:
+                    ctx.error = exc  # for after_request (logs, metrics); then as before
+                    raise
+            else:
+                await self._call_app(ctx, scope, receive, send_wrapper, on_failure)
+            # Only the app's own response is stored: never a fallback, a 504, a 500.
+            if ctx.capture is not None and not ctx.replaced and ctx.error is None:
+                await self._store(ctx)
+
+    async def _guarded(
+        self, ctx: RequestContext, scope: Scope, send: Send, on_failure: Any
+    ) -> None:
+        """`_phases` inside the route's deadline scope (middleware/deadline.py); the body
+        read first when the route admits after it. Answers 408 or 504 when it fires."""
+        policy = ctx.policy
+        has_body = (policy.body_first or policy.body_deadline is not None) and may_have_body(scope)
+        started = anyio.current_time() - (perf_counter() - ctx.t_start)
+        end = started + policy.deadline if policy.deadline is not None else None
+        body_end = (
+            started + policy.body_deadline
+            if has_body and policy.body_deadline is not None
+            else None
+        )
+        deadline = Deadline(end, body_end)
+        receive: Any = ctx.receive
+        if has_body:
+            receive = ctx.receive = ReplayReceive(receive, [], deadline)
+            if policy.body_first:
+                done = await deadline.run(
+                    self._admit_after_body, ctx, scope, receive, send, on_failure
+                )
+            else:
+                done = await deadline.run(self._phases, ctx, scope, receive, send, on_failure)
+        else:
+            done = await deadline.run(self._phases, ctx, scope, receive, send, on_failure)
+        if done:
+            return
+        if deadline.fired_in_body:
+            # The client's fault, not the app's: no ctx.error, no on_failure, no trial.
+            if not ctx.response_started:
+                await BODY_TIMEOUT(scope, receive, send)
+            return
+        assert policy.deadline is not None
+        error = TimeoutError(f"the request's deadline of {policy.deadline:g} s passed")
+        ctx.error = error
+        fallback = await self.host.call_first("on_failure", ctx, error) if on_failure else None
+        if not ctx.response_started:
+            await (fallback or GATEWAY_TIMEOUT)(scope, receive, send)
+
+    async def _admit_after_body(
+        self, ctx: RequestContext, scope: Scope, receive: Any, send: Send, on_failure: Any
+    ) -> None:
+        """Read the body (up to `policy.body_first` bytes) before any admission hook."""
+        messages = await read_ahead(receive.receive, ctx.policy.body_first, receive.deadline)
+        if messages[-1]["type"] == "http.disconnect":
+            return  # the client left while sending: nothing to admit, nobody to answer
+        receive.messages = messages
+        await self._phases(ctx, scope, receive, send, on_failure)
 
     def _start(
         self,

@@ -12,7 +12,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-__all__ = ["GATEWAY_TIMEOUT", "INTERNAL_ERROR", "PlainResponse"]
+__all__ = ["BODY_TIMEOUT", "GATEWAY_TIMEOUT", "INTERNAL_ERROR", "PlainResponse"]
 
 
 class PlainResponse:
@@ -51,3 +51,5 @@ class PlainResponse:
 
 INTERNAL_ERROR = PlainResponse(500, b"Internal Server Error")
 GATEWAY_TIMEOUT = PlainResponse(504, b"Gateway Timeout")
+# The body did not arrive in time; the rest of it is never read, so the connection closes.
+BODY_TIMEOUT = PlainResponse(408, b"Request Timeout", [(b"connection", b"close")])

@@ -72,6 +72,14 @@ class GPUSettings:
     lease_ttl: float = 60.0
     #: Seconds between budget re-reads of idle devices (0: measure once).
     refresh_interval: float = 0.0
+    #: (route) Bytes of request body read before GPU memory is claimed (all of a
+    #: smaller body), on routes with `memory_mb`: a client trickling its body holds
+    #: a connection, not GPU memory. 0: claim first.
+    admit_after_body: int = 1 << 20
+
+    @property
+    def body_before_admission(self) -> int:
+        return self.admit_after_body if self.memory_mb is not None else 0
 
     def __post_init__(self) -> None:
         if isinstance(self.memory_mb, int) and self.memory_mb <= 0:
@@ -88,6 +96,7 @@ class GPUSettings:
         _positive("auto_min_samples", self.auto_min_samples)
         _positive("lease_ttl", self.lease_ttl)
         _positive("refresh_interval", self.refresh_interval, allow_zero=True)
+        _positive("admit_after_body", self.admit_after_body, allow_zero=True)
         if not 0 < self.auto_percentile <= 100:
             raise ConfigError(
                 f"gpu.auto_percentile: expected 0 < p <= 100, got {self.auto_percentile!r}"

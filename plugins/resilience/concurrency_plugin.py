@@ -48,9 +48,20 @@ class ConcurrencySettings:
     route_limit: int | None = None
     cost: float = 1.0
     retry_after: float | None = None
+    # (route) Bytes of request body read before a slot is taken (all of a smaller
+    # body): a client trickling its body holds a connection, not a slot. 0: admit first.
+    admit_after_body: int = 1 << 20
+
+    @property
+    def body_before_admission(self) -> int:
+        return self.admit_after_body  # compiled onto the route's policy (body_first)
 
     def __post_init__(self) -> None:
         w = "concurrency"
+        if self.admit_after_body < 0:
+            raise ConfigError(
+                f"{w}.admit_after_body: expected >= 0 bytes, got {self.admit_after_body!r}"
+            )
         if self.max_concurrent < 0:
             raise ConfigError(
                 f"{w}.max_concurrent: expected >= 0 (0: no global limit), "

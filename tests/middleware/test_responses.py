@@ -11,6 +11,7 @@ from overdrive.middleware.responses import PlainResponse
 def test_all_is_sorted_and_pinned() -> None:
     assert responses.__all__ == sorted(responses.__all__)
     assert responses.__all__ == [
+        "BODY_TIMEOUT",
         "GATEWAY_TIMEOUT",
         "INTERNAL_ERROR",
         "PlainResponse",

@@ -535,7 +535,7 @@ def test_tag_response_adds_tags_on_the_context() -> None:
     from overdrive.context import RequestContext
     from overdrive.routes import RoutePolicy
 
-    ctx = RequestContext({"type": "http"}, "rid", RoutePolicy((), {}))
+    ctx = RequestContext({"type": "http"}, "rid", RoutePolicy({}, ()))
     tag_response(ctx, "a", "b")
     assert ctx.state["cache_tags"] == {"a", "b"}
 
