@@ -25,12 +25,11 @@ def is_sane(value: bytes) -> bool:
 
 
 def sets_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bool:
-    """True when the response `headers` (ASGI pairs) already carry `name` (lowercase)
-    with a sane value: the app set its own request id, which is kept rather than sent
-    twice. An empty or unsafe one is followed by ours (clients read the last)."""
+    """True when the response `headers` (ASGI pairs) already carry `name` (lowercase):
+    the app set its own request id, which is kept rather than sent twice."""
     n = len(name)
-    for key, value in headers:  # noqa: SIM110 (a loop: any() of a generator is slower here)
-        if len(key) == n and key.lower() == name and is_sane(value):
+    for key, _ in headers:  # noqa: SIM110 (a loop: any() of a generator is slower here)
+        if len(key) == n and key.lower() == name:
             return True
     return False
 
