@@ -114,7 +114,7 @@ async def flight_memory() -> dict[str, Any]:
     size = 65536
     chunks = 32 * 2**20 // size
     release = asyncio.Event()
-    peak = {"held": 0}
+    peak = {"held": 0, "cut": 0}
 
     async def big(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -138,6 +138,7 @@ async def flight_memory() -> dict[str, Any]:
     def feed(self: Any, body: bytes, more: bool) -> None:
         original(self, body, more)
         peak["held"] = max(peak["held"], sum(map(len, self.chunks)))
+        peak["cut"] = getattr(self, "cut_loose", 0)
 
     flight_module.Flight.feed = feed  # type: ignore[method-assign]
     config = {"plugins": ["cache"], "cache": {"max_entry_bytes": 2**20}}
@@ -196,6 +197,7 @@ async def flight_memory() -> dict[str, Any]:
         "peak_held": peak["held"],
         "peak_rss_growth": top["rss"] - before,
         "received": received,
+        "cut_loose": peak["cut"],
     }
 
 
@@ -242,7 +244,7 @@ def main() -> None:
     )
     print(f"  most bytes the flight held at once: {mib(f['peak_held']).strip()}")
     print(f"  peak RSS growth: {mib(f['peak_rss_growth']).strip()}")
-    print(f"  bytes each client received: {f['received']}")
+    print(f"  bytes each client received: {f['received']} (cut loose: {f['cut_loose']})")
 
 
 if __name__ == "__main__":

@@ -123,6 +123,14 @@ class RequestContext:
     #: Set by a plugin that runs this request as a job (the ``jobs`` plugin): where
     #: `progress` reports go. None: `progress` does nothing.
     progress_sink: ProgressSink | None = None
+    #: Set by a plugin when others depend on this request's response (the cache's
+    #: single-flight followers): an object with ``holding() -> bool`` and an async
+    #: ``released()``. While it holds, the middleware keeps the app running when the
+    #: client leaves: the disconnect waits for ``released()`` and writes to the gone
+    #: client are dropped, so one client leaving does not fail the others.
+    keeper: Any = None
+    #: True once the client left while a keeper held the app running.
+    client_gone: bool = False
 
     def __init__(
         self,

@@ -187,7 +187,10 @@ class OverdriveMiddleware:
                 message["headers"] = headers
             elif ctx.body_observers is not None and message["type"] == "http.response.body":
                 _observe(ctx, message)
-            await send(message)
+            if ctx.keeper is None:
+                await send(message)
+            else:
+                await _send_kept(ctx, send, message)
 
         every = host.settings.hook_timing_sample
         if every:
@@ -261,6 +264,8 @@ class OverdriveMiddleware:
                 await INTERNAL_ERROR(scope, receive, send_wrapper)
         else:
             ctx.t_app = perf_counter()
+            if ctx.keeper is not None:
+                receive = _KeptReceive(receive, ctx)
             if ctx.timeout is None and not on_failure:
                 try:
                     await self.app(scope, receive, send_wrapper)
@@ -432,6 +437,39 @@ class OverdriveMiddleware:
             fallback = await host.call_first("on_failure", ctx, error) if on_failure else None
             if not ctx.response_started:
                 await (fallback or GATEWAY_TIMEOUT)(scope, receive, send)
+
+
+async def _send_kept(ctx: RequestContext, send: Send, message: Message) -> None:
+    """Send for a request whose response others depend on (`ctx.keeper`): once the
+    client is gone, the app's messages still feed the observers but go nowhere."""
+    if ctx.client_gone:
+        return
+    try:
+        await send(message)
+    except Exception:
+        if not ctx.keeper.holding():
+            raise
+        ctx.client_gone = True  # the server refused the write: the client left
+
+
+class _KeptReceive:
+    """The app's `receive` while `ctx.keeper` may hold: a disconnect is held back
+    until nobody depends on the response any more (the app finishes it for them)."""
+
+    __slots__ = ("ctx", "receive")
+
+    def __init__(self, receive: Receive, ctx: RequestContext) -> None:
+        self.receive = receive
+        self.ctx = ctx
+
+    async def __call__(self) -> Message:
+        message = await self.receive()
+        if message.get("type") == "http.disconnect":
+            keeper = self.ctx.keeper
+            if keeper is not None and keeper.holding():
+                self.ctx.client_gone = True
+                await keeper.released()
+        return message
 
 
 def _observe(ctx: RequestContext, message: Message) -> None:

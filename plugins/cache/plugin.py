@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 import structlog
@@ -84,12 +85,17 @@ class CachePlugin(Plugin):
         self._routes: dict[int, Route] = {}
         self._flights: dict[str, Flight] = {}
         self._refreshing: set[str] = set()
+        # Hit-for-miss (Varnish's name): keys whose last response could not be shared,
+        # -> until when (monotonic). Their misses go to the app at once, uncollapsed.
+        self._uncacheable: OrderedDict[str, float] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         # Cross-worker locks this worker holds: lock key -> (token, renew until, lease).
         self._held: dict[bytes, tuple[bytes, float, float]] = {}
         self._renewer: asyncio.Task[None] | None = None
         self.counts = dict.fromkeys((HIT, MISS, STALE, BYPASS, "stored", "not_stored"), 0)
-        self.counts.update(collapsed=0, revalidations=0, not_modified=0, partial=0)
+        self.counts.update(
+            collapsed=0, revalidations=0, not_modified=0, partial=0, hit_for_miss=0
+        )
         # conditional requests sent to the app for stale entries, the 304s they got, and
         # unsafe requests (POST, PUT, DELETE...) that invalidated stored responses
         self.counts.update(validations=0, not_modified_upstream=0, invalidations=0)
@@ -213,17 +219,28 @@ class CachePlugin(Plugin):
                 if hit is not None:
                     return hit
                 stale = stored
-        # Not in memory: join a request already producing this response, or lead one.
-        flight = self._flights.get(key)
+        # Not in memory: join a request already producing this response, or lead one;
+        # neither for a key whose last response could not be shared (hit-for-miss).
+        uncacheable = False
+        if self._uncacheable:
+            until = self._uncacheable.get(key)
+            if until is not None:
+                if time.monotonic() < until:
+                    uncacheable = True
+                    self.counts["hit_for_miss"] += 1
+                else:
+                    del self._uncacheable[key]
+        flight = None if uncacheable else self._flights.get(key)
         if flight is not None and use_stored and flight.joinable:
             self.counts["collapsed"] += 1
-            if await flight.wait_start(s.wait_timeout):
+            cursor = await flight.wait_start(s.wait_timeout)
+            if cursor is not None:
                 if self._same_variant(flight, ctx):
                     ctx.cache_status = HIT
                     self.counts[HIT] += 1
                     headers = list(flight.headers)  # client_headers applied, Age added
-                    return FollowerAnswer(flight, headers, method == "HEAD")
-                flight.followers -= 1
+                    return FollowerAnswer(flight, cursor, headers, method == "HEAD")
+                flight.abandon(cursor)
             now = time.time()
             found = self._find_local(key, ctx, now)
             if found is not None:
@@ -231,7 +248,7 @@ class CachePlugin(Plugin):
                 if hit is not None:
                     return hit
         miss = _Miss(key, route, None, stale)
-        if method == "GET" and key not in self._flights:
+        if method == "GET" and not uncacheable and key not in self._flights:
             miss.flight = self._flights[key] = Flight(s.max_entry_bytes, ctx)
         try:
             if cache.redis is not None and use_stored:
@@ -267,6 +284,7 @@ class CachePlugin(Plugin):
         ctx.state["cache"] = miss
         if miss.flight is not None:
             ctx.observe_body(miss.flight.feed)
+            ctx.keeper = miss.flight  # followers read this response: outlive our client
         ctx.capture_response(s.max_entry_bytes)
         return None
 
@@ -442,6 +460,8 @@ class CachePlugin(Plugin):
                 if age is not None:
                     shared.append((b"age", b"%d" % int(age)))
                 miss.flight.start(status, shared, age is not None)
+                if age is None:
+                    self._remember_uncacheable(miss.key, s)
         headers.append(_X_CACHE[state])
 
     @hookimpl
@@ -454,6 +474,10 @@ class CachePlugin(Plugin):
         tags = ctx.state.get("cache_tags")
         stored = await self._store(miss.route, miss.key, ctx, response, tags, miss.request_time)
         self.counts["stored" if stored is not None else "not_stored"] += 1
+        if stored is not None:
+            self._uncacheable.pop(miss.key, None)
+        else:
+            self._remember_uncacheable(miss.key, miss.route.settings)
         self._end_flight(miss, failed=False)
 
     async def store_captured(
@@ -585,6 +609,14 @@ class CachePlugin(Plugin):
             self._end_flight(miss, failed=True)  # a no-op when the body completed
             await self._unlock(miss)
 
+    def _remember_uncacheable(self, key: str, s: CacheSettings) -> None:
+        """Hit-for-miss: for `uncacheable_ttl`, misses on `key` neither wait nor collapse."""
+        table = self._uncacheable
+        table[key] = time.monotonic() + s.uncacheable_ttl
+        table.move_to_end(key)
+        while len(table) > s.max_uncacheable:
+            table.popitem(last=False)
+
     def _end_flight(self, miss: _Miss, failed: bool) -> None:
         flight = miss.flight
         if flight is None:
@@ -655,7 +687,9 @@ class CachePlugin(Plugin):
     @hookimpl
     def collect_stats(self, host: Any) -> dict[str, Any]:
         stats = self.cache.get_stats() if self.cache is not None else {}
-        stats["http"] = dict(self.counts, in_flight=len(self._flights))
+        stats["http"] = dict(
+            self.counts, in_flight=len(self._flights), uncacheable_keys=len(self._uncacheable)
+        )
         return stats
 
     @hookimpl

@@ -138,6 +138,8 @@ class CacheSettings:
         default_factory=lambda: ["cdn-cache-control"]
     )  # RFC 9213 fields obeyed over Cache-Control, first valid wins
     wait_timeout: float = 30.0  # how long concurrent misses wait for the first one
+    uncacheable_ttl: float = 30.0  # a key that answered unshareable is not collapsed this long
+    max_uncacheable: int = 10_000  # keys remembered as uncacheable (oldest forgotten first)
     trust_dependencies: bool = False  # (route) FastAPI: hits may skip what dependencies check
     memory_ttl: float | None = None  # cap on how long a Redis entry lives in this worker's memory
     # The cross-worker single-flight lock lives `lock_lease` unless its holder renews it
@@ -153,6 +155,8 @@ class CacheSettings:
         _positive("cache.max_bytes", self.max_bytes)
         _positive("cache.max_entry_bytes", self.max_entry_bytes)
         _positive("cache.wait_timeout", self.wait_timeout)
+        _positive("cache.uncacheable_ttl", self.uncacheable_ttl)
+        _positive("cache.max_uncacheable", self.max_uncacheable)
         _positive("cache.memory_ttl", self.memory_ttl, allow_none=True)
         _positive("cache.lock_ttl", self.lock_ttl)
         _positive("cache.lock_lease", self.lock_lease)
