@@ -456,10 +456,11 @@ class _KeptReceive:
     """The app's `receive` while `ctx.keeper` may hold: a disconnect is held back
     until nobody depends on the response any more (the app finishes it for them)."""
 
-    __slots__ = ("ctx", "receive")
+    __slots__ = ("__wrapped__", "ctx", "receive")
 
     def __init__(self, receive: Receive, ctx: RequestContext) -> None:
         self.receive = receive
+        self.__wrapped__ = receive  # inspect.unwrap finds the server's receive
         self.ctx = ctx
 
     async def __call__(self) -> Message:

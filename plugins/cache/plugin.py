@@ -93,9 +93,7 @@ class CachePlugin(Plugin):
         self._held: dict[bytes, tuple[bytes, float, float]] = {}
         self._renewer: asyncio.Task[None] | None = None
         self.counts = dict.fromkeys((HIT, MISS, STALE, BYPASS, "stored", "not_stored"), 0)
-        self.counts.update(
-            collapsed=0, revalidations=0, not_modified=0, partial=0, hit_for_miss=0
-        )
+        self.counts.update(collapsed=0, revalidations=0, not_modified=0, partial=0, hit_for_miss=0)
         # conditional requests sent to the app for stale entries, the 304s they got, and
         # unsafe requests (POST, PUT, DELETE...) that invalidated stored responses
         self.counts.update(validations=0, not_modified_upstream=0, invalidations=0)

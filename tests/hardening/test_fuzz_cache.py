@@ -21,6 +21,7 @@ Properties, for each request:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 from dataclasses import dataclass
 from typing import Any
@@ -199,7 +200,7 @@ class App:
         # Which request this answers: a marker in the scope, kept when the cache calls
         # the app with a copy of it for the request (a conditional request to revalidate
         # a stale entry); a background refresh (its own receive) answers none.
-        mine = receive is scope["fuzz.receive"]
+        mine = inspect.unwrap(receive) is scope["fuzz.receive"]  # the middleware may wrap it
         marker = scope["fuzz.request"] if mine else -n
         self.produced.append(Produced(req, policy.status, headers, body, marker))
         await send({"type": "http.response.start", "status": policy.status, "headers": headers})
