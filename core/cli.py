@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from typing import Any
 from .config import resolve_config
 from .discovery import discover
 from .errors import OverdriveError
+from .redact import redact
 from .settings import settings_as_dict
 
 
@@ -60,20 +60,6 @@ def _host(args: argparse.Namespace) -> Any:
     from .host import Overdrive
 
     return Overdrive(args.config)
-
-
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://[^:/@\s]*):[^@/\s]+@")
-
-
-def redact(value: Any) -> Any:
-    """Passwords in URLs replaced by ``***``, in any nested settings value."""
-    if isinstance(value, str):
-        return _CREDENTIALS.sub(r"\g<scheme>:***@", value)
-    if isinstance(value, dict):
-        return {k: redact(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact(v) for v in value]
-    return value
 
 
 def cmd_config(args: argparse.Namespace) -> int:

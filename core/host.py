@@ -30,6 +30,7 @@ from .context import Operation
 from .discovery import Discovered, discover, import_path, plugin_name
 from .errors import ConfigError, PluginFailure, PluginLoadError
 from .extras import install_hint
+from .redact import plain_traceback, redact, redact_text
 from .routes import RouteRule, RouteTable, parse_rules
 from .settings import validate_settings
 from .sources import Sources
@@ -255,13 +256,16 @@ class Overdrive(ChainWalker):
         """A plugin raised: log, count, maybe quarantine; re-raise if it is fail-closed."""
         now = perf_counter()
         info.errors += 1
-        info.last_error = f"{hook}: {type(exc).__name__}: {exc}"[:500]
+        error = redact_text(f"{type(exc).__name__}: {exc}")
+        info.last_error = f"{hook}: {error}"[:500]
+        # The traceback as plain text, not exc_info: structlog's rich and dict tracebacks
+        # show every frame's locals (a request's headers, a connection URL).
         logger.error(
             "plugin hook raised",
             plugin=info.name,
             hook=hook,
-            error=f"{type(exc).__name__}: {exc}",
-            exc_info=exc,
+            error=error,
+            traceback=plain_traceback(exc),
         )
         if info.fail_closed:
             raise PluginFailure(info.name, hook, exc) from exc
@@ -413,7 +417,10 @@ class Overdrive(ChainWalker):
             "routes": len(self.routes),
         }
         stats["system"] = system_figures()
-        return stats
+        # One redaction for every consumer (stats endpoints, Prometheus, the dashboard,
+        # an app's own stats route): no URL password or token leaves through the figures.
+        redacted: dict[str, Any] = redact(stats)
+        return redacted
 
     def explain(self, method: str, path: str) -> dict[str, Any]:
         """The chain a request would run, hook by hook, and each plugin's effective settings."""

@@ -24,6 +24,7 @@ import structlog
 from overdrive.context import CapturedResponse, Lease, RequestContext
 from overdrive.errors import OverdriveError, PluginFailure
 from overdrive.host import Overdrive
+from overdrive.redact import plain_traceback
 
 from .deadline import Deadline, ReplayReceive, may_have_body, read_ahead
 from .dependencies import cache_rules
@@ -479,8 +480,10 @@ def _observe(ctx: RequestContext, message: Message) -> None:
     for observer in ctx.body_observers or ():
         try:
             observer(body, more)
-        except Exception:
-            logger.exception("body observer raised", request_id=ctx.request_id)
+        except Exception as exc:
+            logger.error(
+                "body observer raised", request_id=ctx.request_id, traceback=plain_traceback(exc)
+            )
 
 
 class _FallbackSend:

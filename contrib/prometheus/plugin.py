@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 from overdrive import Plugin, hookimpl
 from overdrive.plugins.profiler.requests import RouteName
+from overdrive.redact import plain_traceback
 
 from .exporter import PrometheusExporter
 from .mapping import DEFAULT_BUCKETS
@@ -86,8 +87,8 @@ class PrometheusPlugin(Plugin):
             await asyncio.sleep(self.settings.flush_seconds)
             try:
                 await self.exporter.flush()
-            except Exception:
-                logger.exception("prometheus flush failed")
+            except Exception as exc:
+                logger.error("prometheus flush failed\n%s", plain_traceback(exc))
 
     @hookimpl(tryfirst=True)
     def before_request(self, ctx: Any) -> Any:

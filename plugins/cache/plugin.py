@@ -19,6 +19,7 @@ import structlog
 from overdrive import hookimpl
 from overdrive.context import CapturedResponse, RequestContext
 from overdrive.plugin import Plugin
+from overdrive.redact import plain_traceback
 
 from .asynccache import AsyncCache
 from .flight import Flight, FollowerAnswer
@@ -653,8 +654,10 @@ class CachePlugin(Plugin):
                 ctx = RequestContext(scope, "revalidate", self._policy_for(scope), self.host)
                 tags = None
                 await self._store(route, key, ctx, result, tags, started)
-        except Exception:
-            logger.exception("background revalidation failed", key=key[:200])
+        except Exception as exc:
+            logger.error(
+                "background revalidation failed", key=key[:200], traceback=plain_traceback(exc)
+            )
         finally:
             self._refreshing.discard(key)
 

@@ -14,6 +14,8 @@ import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from overdrive.redact import plain_traceback
+
 from .backends import MB, DeviceBackend, open_backend
 
 __all__ = ["DEFAULT_THRESHOLDS", "GPUOptimizer", "GPUUnavailableError"]
@@ -201,8 +203,8 @@ class GPUOptimizer:
         while True:
             try:
                 info = await self.get_gpu_info()
-            except Exception:
-                logger.exception("GPU monitor could not read device figures")
+            except Exception as exc:
+                logger.error("GPU monitor could not read device figures\n%s", plain_traceback(exc))
                 info = {"gpus": {}}
             for key, figures in info["gpus"].items():
                 exceeded = {
@@ -216,8 +218,8 @@ class GPUOptimizer:
                     result = callback({"device": key, "exceeded": exceeded, "info": figures})
                     if isinstance(result, Awaitable):
                         await result
-                except Exception:
-                    logger.exception("GPU monitor callback raised")
+                except Exception as exc:
+                    logger.error("GPU monitor callback raised\n%s", plain_traceback(exc))
             await asyncio.sleep(interval)
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 
 from overdrive import ConfigError, Lease, Plugin, hookimpl
 from overdrive.middleware.responses import PlainResponse
+from overdrive.redact import plain_traceback
 
 from .admission import Admission, AdmissionRejected, RedisLedger
 from .backends import MB, DeviceBackend, SimulatedBackend, open_backend
@@ -256,8 +257,8 @@ class GPUPlugin(Plugin):
             await asyncio.sleep(self.settings.refresh_interval)
             try:
                 await asyncio.to_thread(self.measure_budgets)
-            except Exception:
-                logger.exception("gpu: could not re-read device memory")
+            except Exception as exc:
+                logger.error("gpu: could not re-read device memory\n%s", plain_traceback(exc))
 
     async def _heartbeat(self) -> None:
         ledger = self._ledger

@@ -23,6 +23,8 @@ from typing import Any
 
 import psutil
 
+from overdrive.redact import plain_traceback
+
 __all__ = ["CgroupMemory", "MemoryOptimizer", "malloc_trim", "read_cgroup_memory"]
 
 logger = logging.getLogger("overdrive.memory")
@@ -350,8 +352,8 @@ class MemoryOptimizer:
                         result = check()
                         if inspect.isawaitable(result):
                             asyncio.run(_await(result))
-                    except Exception:
-                        logger.exception("memory monitor callback raised")
+                    except Exception as exc:
+                        logger.error("memory monitor callback raised\n%s", plain_traceback(exc))
                     stop.wait(interval)
 
             return _ThreadMonitor(run)
@@ -362,8 +364,8 @@ class MemoryOptimizer:
                     result = check()
                     if inspect.isawaitable(result):
                         await result
-                except Exception:
-                    logger.exception("memory monitor callback raised")
+                except Exception as exc:
+                    logger.error("memory monitor callback raised\n%s", plain_traceback(exc))
                 await asyncio.sleep(interval)
 
         return loop.create_task(watch(), name="overdrive-memory-monitor")

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 from overdrive import ConfigError, Plugin, hookimpl
 from overdrive.middleware.responses import PlainResponse
+from overdrive.redact import plain_traceback
 
 from .optimizer import MemoryOptimizer, logger
 
@@ -104,8 +105,8 @@ class MemoryPlugin(Plugin):
             await asyncio.sleep(self.settings.check_interval)
             try:
                 await self.check()
-            except Exception:
-                logger.exception("memory check failed")
+            except Exception as exc:
+                logger.error("memory check failed\n%s", plain_traceback(exc))
 
     async def check(self) -> dict[str, Any]:
         """Read memory once, update shedding (with hysteresis), clean up if due."""

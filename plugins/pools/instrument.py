@@ -95,16 +95,6 @@ def tag_error(error: BaseException | None, name: str) -> None:
             setattr(error, _POOL_ATTR, name)
 
 
-def redact(url: str) -> str:
-    """The URL with its password replaced, for logs and stats."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
-
-
 @dataclass
 class PoolFigures:
     """What we count for one pool beyond what the library reports."""

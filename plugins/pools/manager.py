@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from overdrive.redact import redact_url as redact
+
 from .instrument import (
     PoolFigures,
     counted_do_get,
@@ -27,7 +29,6 @@ from .instrument import (
     http_figures,
     logger,
     mark_exhausted,
-    redact,
     redis_figures,
     tag_error,
 )
@@ -339,7 +340,7 @@ class ConnectionPoolManager:
             session,
             figures,
             {
-                "base_url": base_url,
+                "base_url": redact(base_url) if base_url else base_url,
                 "connection_limit": connection_limit,
                 "limit_per_host": limit_per_host,
                 "state": state,

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from overdrive.errors import OperationRefused
+from overdrive.redact import plain_traceback
 
 from .breaker_config import OPERATOR_STATES, CircuitBreakerConfig, _CountWindow, _TimeWindow
 
@@ -141,8 +142,10 @@ class CircuitBreaker:
                 result = listener(self, old, new)
                 if asyncio.iscoroutine(result):
                     asyncio.get_running_loop().create_task(result)
-            except Exception:
-                logger.exception("breaker listener raised", breaker=self.name)
+            except Exception as exc:
+                logger.error(
+                    "breaker listener raised", breaker=self.name, traceback=plain_traceback(exc)
+                )
 
     def force_open(self) -> None:
         """Operator: reject every call until `reset()`."""

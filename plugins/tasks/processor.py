@@ -23,6 +23,8 @@ from typing import Any
 
 import structlog
 
+from overdrive.redact import plain_traceback
+
 logger = structlog.get_logger("overdrive.tasks")
 
 __all__ = [
@@ -397,7 +399,9 @@ class BackgroundTaskProcessor:
                             "at": time.time(),
                         }
                     )
-                    logger.error("task failed", task=job.name, job_id=job.id, exc_info=exc)
+                    logger.error(
+                        "task failed", task=job.name, job_id=job.id, traceback=plain_traceback(exc)
+                    )
                     job._finish("failed")
                 else:
                     self.counts["completed"] += 1

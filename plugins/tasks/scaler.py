@@ -20,6 +20,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from overdrive.redact import plain_traceback
+
 from ..scaling import ScalingConfig, desired_size
 from .processor import BackgroundTaskProcessor, logger
 
@@ -108,8 +110,8 @@ class AutoScaler:
             await asyncio.sleep(self.config.check_interval)
             try:
                 self.step()
-            except Exception:  # a bad decision must not end the loop
-                logger.exception("autoscaler step failed")
+            except Exception as exc:  # a bad decision must not end the loop
+                logger.error("autoscaler step failed", traceback=plain_traceback(exc))
 
     def step(self, now: float | None = None) -> ScalingDecision:
         """Measure, decide and apply once (the loop calls this every `check_interval`)."""
