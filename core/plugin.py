@@ -16,12 +16,16 @@ class Plugin:
     The host validates the plugin's config table into ``self.settings`` before
     `overdrive_configure` runs. `provides` maps attribute names on the host to
     attributes of the plugin, so that ``host.cache`` reaches the cache plugin's
-    `AsyncCache` (the seed's ``system.cache``).
+    `AsyncCache` (the seed's ``system.cache``). `metric_families` declares the metric
+    families its figures become (see `overdrive.metrics`).
     """
 
     name: ClassVar[str] = ""
     Settings: ClassVar[type | None] = None
     provides: ClassVar[dict[str, str]] = {}
+    #: The plugin's metric families (`overdrive.metrics.MetricFamily`): what the
+    #: Prometheus exporter reads out of its `collect_stats` figures, and nothing else.
+    metric_families: ClassVar[tuple[Any, ...]] = ()
     fail_closed: bool = False
     shadow: bool = False
 

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import structlog
 
 from overdrive import ConfigError, Plugin, hookimpl
+from overdrive.metrics import MetricFamily as F
 from overdrive.plugins.cache import AsyncCache, CacheConfig
 
 __all__ = [
@@ -405,6 +406,30 @@ class QueryPlugin(Plugin):
     """`host.query_optimizer`: a `QueryOptimizer` on an `AsyncCache` of its own."""
 
     name = "query"
+    metric_families = (
+        F(
+            "query_lookups",
+            "counter",
+            "cached_query calls, by result",
+            "(hits=hit|misses=miss|shared=shared)",
+            labels=("result",),
+        ),
+        F("query_executions", "counter", "Queries run against the database", "queries"),
+        F("query_failures", "counter", "Queries that failed", "failures"),
+        F(
+            "query_fast_failures",
+            "counter",
+            "Queries refused at once while the database is down",
+            "fast_failures",
+        ),
+        F("query_cache_errors", "counter", "Query cache read or write errors", "cache_errors"),
+        F(
+            "query_database_down",
+            "gauge",
+            "1 while the database is considered down",
+            "database_down",
+        ),
+    )
     Settings = QuerySettings
     provides: ClassVar[dict[str, str]] = {"query_optimizer": "optimizer"}
 

@@ -20,11 +20,12 @@ GPU memory and system figures, ``liveall`` (a ``pid`` label) for the other
 plugins' gauges, whose meaning across workers we cannot know), and the
 scrape reads all workers' files through `MultiProcessCollector`.
 
-Names follow Prometheus conventions: base units (seconds, bytes, ratios),
-``_total`` for counters. Keys in a plugin's stats are mapped generically:
-``*_mb`` -> ``*_bytes`` (x 2**20), ``*_ms`` -> ``*_seconds``, ``*_percent``
--> ``*_ratio``, a ``state`` string -> ``*_state{state="open"} 1``, nested
-tables of tables (``breakers``, ``devices``, ``pools``) -> one label.
+Every exposed family is declared (`overdrive.metrics.MetricFamily`: each
+plugin's ``metric_families``, and the host's, the machine's and the
+profiler's in `families.py`), and the declarations are held to Prometheus'
+naming conventions by a test; promtool checks the reference service's scrape.
+``undeclared = true`` also exposes plugins that declare nothing, under names
+guessed from their stats keys (`flatten_stats`).
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ from typing import Any
 
 from overdrive.middleware.responses import PlainResponse
 
+from .families import PROFILER_FAMILIES, declared_samples, host_samples
+from .mapping import _SKIP_SECTIONS as _SKIP
 from .mapping import DEFAULT_BUCKETS, Hist, Sample, flatten_stats
 
 __all__ = ["PrometheusExporter", "make_asgi_app"]
@@ -34,8 +36,12 @@ class PrometheusExporter:
         multiprocess: bool | None = None,
         registry: Any = None,
         include_default_registry: bool = True,
+        undeclared: bool = False,
     ) -> None:
         self.host = host
+        # Figures of plugins that declare no families, under names guessed from their
+        # stats keys (the mapping of overdrive <= 0.x): off unless asked for.
+        self.undeclared = undeclared
         self.include_default_registry = include_default_registry
         self.namespace = namespace
         self.buckets = tuple(sorted(buckets))
@@ -59,51 +65,18 @@ class PrometheusExporter:
         self._stats = await self.host.get_system_stats()
 
     def samples(self) -> tuple[list[Sample], list[Hist]]:
-        """The current figures as samples and histograms."""
+        """The current figures as samples and histograms, through the declared families."""
         ns = self.namespace
-        samples = flatten_stats(self._stats, ns)
+        samples = declared_samples(self.host, self._stats, ns)
+        samples += host_samples(self._stats, ns)
+        if self.undeclared:
+            declared = {"host", "system", "profiler"} | {
+                name
+                for name, info in self.host.plugins.items()
+                if getattr(info.obj, "metric_families", ())
+            }
+            samples += flatten_stats(self._stats, ns, skip=_SKIP | declared)
         hists: list[Hist] = []
-        host_stats = self._stats.get("host", {}).get("plugins", {})
-        for plugin, info in host_stats.items():
-            labels = {"plugin": plugin}
-            samples.append(
-                Sample(
-                    f"{ns}_plugin_errors",
-                    "counter",
-                    "Hook calls that raised, per plugin",
-                    labels,
-                    float(info.get("errors", 0)),
-                )
-            )
-            samples.append(
-                Sample(
-                    f"{ns}_plugin_quarantined",
-                    "gauge",
-                    "1 while the plugin is quarantined after repeated errors",
-                    labels,
-                    float(bool(info.get("quarantined"))),
-                )
-            )
-            for hook, t in (info.get("hooks") or {}).items():
-                hl = {"plugin": plugin, "hook": hook}
-                samples.append(
-                    Sample(
-                        f"{ns}_hook_calls",
-                        "counter",
-                        "Hook calls per plugin and hook",
-                        hl,
-                        float(t.get("count", 0)),
-                    )
-                )
-                samples.append(
-                    Sample(
-                        f"{ns}_hook_seconds",
-                        "counter",
-                        "Seconds spent in each plugin's hook",
-                        hl,
-                        float(t.get("total_ms", 0)) / 1000,
-                    )
-                )
         profiler = self.host.get_plugin("profiler")
         if profiler is not None:
             self._profiler_figures(profiler, samples, hists)
@@ -115,91 +88,63 @@ class PrometheusExporter:
         ns = self.namespace
         m = plugin.metrics
         bounds = self.buckets
+        (
+            duration,
+            requests,
+            errors,
+            timeouts,
+            size,
+            phase_seconds,
+            in_flight,
+            op_duration,
+            op_errors,
+        ) = PROFILER_FAMILIES
+
+        def sample(family: Any, labels: dict[str, str], value: float) -> Sample:
+            return Sample(
+                f"{ns}_{family.name}",
+                family.type,
+                family.help,
+                labels,
+                value,
+                family.multiprocess_mode,
+                family.unit,
+            )
+
         for series in list(m.series.values()):
             route, method, status = series.key
             labels = {"route": route, "method": method, "status": status}
             h = series.histogram
             hists.append(
                 Hist(
-                    f"{ns}_http_request_duration_seconds",
-                    "Request latency, from the middleware's first line to its last",
+                    f"{ns}_{duration.name}",
+                    duration.help,
                     labels,
                     [*h.count_le(bounds), h.count],
                     h.sum,
                     h.count,
                 )
             )
-            for name, doc, value in (
-                ("http_requests", "Requests answered", series.count),
-                ("http_request_errors", "Requests that raised or answered 5xx", series.errors),
-                ("http_request_timeouts", "Requests cut by a plugin's timeout", series.timeouts),
-                ("http_response_size_bytes", "Response body bytes sent", series.bytes),
-            ):
-                samples.append(Sample(f"{ns}_{name}", "counter", doc, labels, float(value)))
+            samples.append(sample(requests, labels, float(series.count)))
+            samples.append(sample(errors, labels, float(series.errors)))
+            samples.append(sample(timeouts, labels, float(series.timeouts)))
+            samples.append(sample(size, labels, float(series.bytes)))
             for phase, seconds in zip(PHASES, series.phases, strict=True):
-                samples.append(
-                    Sample(
-                        f"{ns}_http_request_phase_seconds",
-                        "counter",
-                        "Seconds spent per request phase (queue_wait apart from running)",
-                        {**labels, "phase": phase},
-                        seconds,
-                    )
-                )
-        samples.append(
-            Sample(
-                f"{ns}_http_requests_in_flight",
-                "gauge",
-                "Requests being served now",
-                {},
-                float(m.in_flight),
-                "livesum",
-            )
-        )
-        from time import perf_counter
-
-        rps, error_rate = m.window.rates(perf_counter())
-        samples.append(
-            Sample(
-                f"{ns}_http_throughput_requests_per_second",
-                "gauge",
-                f"Requests per second over the last {m.window.seconds} s",
-                {},
-                rps,
-                "livesum",
-            )
-        )
-        samples.append(
-            Sample(
-                f"{ns}_http_error_ratio",
-                "gauge",
-                f"Share of requests that failed over the last {m.window.seconds} s",
-                {},
-                error_rate,
-                "liveall",
-            )
-        )
-        for name, (h, errors) in plugin.profiler.histograms().items():
+                samples.append(sample(phase_seconds, {**labels, "phase": phase}, seconds))
+        samples.append(sample(in_flight, {}, float(m.in_flight)))
+        for name, (h, failed) in plugin.profiler.histograms().items():
             labels = {"operation": name}
             hists.append(
                 Hist(
-                    f"{ns}_operation_duration_seconds",
-                    "Duration of profiled operations (PerformanceProfiler, host.run)",
+                    f"{ns}_{op_duration.name}",
+                    op_duration.help,
                     labels,
                     [*h.count_le(bounds), h.count],
                     h.sum,
                     h.count,
                 )
             )
-            samples.append(
-                Sample(
-                    f"{ns}_operation_errors",
-                    "counter",
-                    "Profiled operations that failed",
-                    labels,
-                    float(errors),
-                )
-            )
+            samples.append(sample(op_errors, labels, float(failed)))
 
     # -- single process: a custom collector ----------------------------------------
 
@@ -211,13 +156,13 @@ class PrometheusExporter:
         for s in samples:
             fam = families.get(s.name)
             if fam is None:
-                fam = families[s.name] = Metric(s.name, s.doc, s.kind)
+                fam = families[s.name] = Metric(s.name, s.doc, s.kind, s.unit)
             suffix = "_total" if s.kind == "counter" else ""
             fam.add_sample(s.name + suffix, s.labels, s.value)
         for h in hists:
             fam = families.get(h.name)
             if fam is None:
-                fam = families[h.name] = Metric(h.name, h.doc, "histogram")
+                fam = families[h.name] = Metric(h.name, h.doc, "histogram", h.unit)
             for bound, n in zip(self.buckets, h.cumulative, strict=False):
                 fam.add_sample(h.name + "_bucket", {**h.labels, "le": repr(float(bound))}, n)
             fam.add_sample(h.name + "_bucket", {**h.labels, "le": "+Inf"}, h.count)

@@ -1,8 +1,10 @@
-"""How `get_system_stats()` figures become Prometheus samples: names, units, labels.
+"""`Sample` and `Hist` (what the collector and the multiprocess flusher consume), and
+the old generic mapping of stats keys to names.
 
-Generic on purpose, so a new plugin's figures appear without code here (see
-the package docstring for the rules). `Sample` and `Hist` are what both the
-single-process collector and the multiprocess flusher consume.
+Declared families (`overdrive.metrics`, `families.py`) are what the exporter
+exposes. `flatten_stats` guesses names from a plugin's stats keys; it is used
+only for plugins that declare no families, and only with ``undeclared = true``,
+since a guessed name cannot be held to the conventions.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class Sample:
     labels: dict[str, str]
     value: float
     mode: str = "liveall"  # multiprocess_mode for gauges
+    unit: str = ""  # OpenMetrics' # UNIT (the name already ends in it)
 
 
 @dataclass
@@ -90,6 +93,7 @@ class Hist:
     sum: float
     count: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    unit: str = "seconds"
 
 
 def _metric_name(*parts: str) -> str:

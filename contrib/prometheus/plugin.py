@@ -35,6 +35,7 @@ class PrometheusPlugin(Plugin):
         multiprocess: bool | None = None  # None: when PROMETHEUS_MULTIPROC_DIR is set
         flush_seconds: float = 5.0  # multiprocess: how often a worker copies its figures
         include_default_registry: bool = True  # also expose prometheus_client's global one
+        undeclared: bool = False  # also plugins without metric_families, names guessed
 
         def __post_init__(self) -> None:
             from overdrive import ConfigError
@@ -62,6 +63,7 @@ class PrometheusPlugin(Plugin):
             buckets=tuple(s.buckets),
             multiprocess=s.multiprocess,
             include_default_registry=s.include_default_registry,
+            undeclared=s.undeclared,
         )
         self._path = s.path
         self._route = RouteName(s.path or "")

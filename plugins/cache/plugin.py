@@ -18,6 +18,7 @@ import structlog
 
 from overdrive import hookimpl
 from overdrive.context import CapturedResponse, RequestContext
+from overdrive.metrics import MetricFamily as F
 from overdrive.plugin import Plugin
 from overdrive.redact import plain_traceback
 
@@ -76,6 +77,124 @@ class CachePlugin(Plugin):
     """HTTP response cache; `host.cache` is its `AsyncCache` (the seed's ``system.cache``)."""
 
     name = "cache"
+    metric_families = (
+        F(
+            "cache_lookups",
+            "counter",
+            "AsyncCache lookups, by result",
+            "(hits=hit|misses=miss)",
+            labels=("result",),
+        ),
+        F("cache_stores", "counter", "Values stored in the cache", "sets"),
+        F("cache_deletes", "counter", "Values deleted from the cache", "deletes"),
+        F("cache_loader_calls", "counter", "Loader calls on a miss (get_or_set)", "loader_calls"),
+        F(
+            "cache_coalesced_lookups",
+            "counter",
+            "Misses that waited for another caller's load",
+            "coalesced",
+        ),
+        F("cache_errors", "counter", "Cache backend errors (answered as misses)", "errors"),
+        F("cache_memory_hits", "counter", "Lookups answered by the in-memory tier", "memory.hits"),
+        F("cache_memory_entries", "gauge", "Entries in the in-memory tier", "memory.entries"),
+        F(
+            "cache_memory_size_bytes",
+            "gauge",
+            "Bytes held by the in-memory tier",
+            "memory.bytes",
+            unit="bytes",
+        ),
+        F(
+            "cache_memory_max_entries",
+            "gauge",
+            "Entries the in-memory tier may hold",
+            "memory.max_size",
+        ),
+        F(
+            "cache_memory_max_bytes",
+            "gauge",
+            "Bytes the in-memory tier may hold",
+            "memory.max_bytes",
+            unit="bytes",
+        ),
+        F(
+            "cache_memory_evictions",
+            "counter",
+            "Entries evicted from the in-memory tier",
+            "memory.evictions",
+        ),
+        F(
+            "cache_memory_expirations",
+            "counter",
+            "Entries dropped from the in-memory tier at expiry",
+            "memory.expired",
+        ),
+        F(
+            "cache_redis_lookups",
+            "counter",
+            "Redis tier lookups, by result",
+            "redis.(hits=hit|misses=miss)",
+            labels=("result",),
+        ),
+        F(
+            "cache_redis_errors",
+            "counter",
+            "Redis tier errors (answered from memory or as misses)",
+            "redis.errors",
+        ),
+        F(
+            "cache_redis_corrupt_entries",
+            "counter",
+            "Redis entries that failed to decode (treated as misses)",
+            "redis.corrupt",
+        ),
+        F("cache_redis_available", "gauge", "1 while the Redis tier answers", "redis.available"),
+        F(
+            "cache_http_lookups",
+            "counter",
+            "HTTP response cache decisions, by result",
+            "http.(HIT|MISS|STALE|BYPASS)",
+            labels=("result",),
+        ),
+        F("cache_http_stores", "counter", "Responses stored", "http.stored"),
+        F(
+            "cache_http_refused_stores",
+            "counter",
+            "Responses not stored (private, too large, no-store)",
+            "http.not_stored",
+        ),
+        F(
+            "cache_http_collapsed_requests",
+            "counter",
+            "Requests that waited for another request's fill",
+            "http.collapsed",
+        ),
+        F(
+            "cache_http_revalidations",
+            "counter",
+            "Background revalidations started",
+            "http.revalidations",
+        ),
+        F(
+            "cache_http_not_modified_responses",
+            "counter",
+            "304 answers from the cache",
+            "http.not_modified",
+        ),
+        F(
+            "cache_http_partial_responses",
+            "counter",
+            "Range answers from the cache",
+            "http.partial",
+        ),
+        F(
+            "cache_http_fills_in_flight",
+            "gauge",
+            "Responses being filled now",
+            "http.in_flight",
+            multiprocess_mode="livesum",
+        ),
+    )
     Settings = CacheSettings
     provides = {"cache": "cache"}  # noqa: RUF012
 

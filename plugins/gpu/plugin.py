@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from overdrive import ConfigError, Lease, Plugin, hookimpl
+from overdrive.metrics import MetricFamily as F
 from overdrive.middleware.responses import PlainResponse
 from overdrive.redact import plain_traceback
 
@@ -125,6 +126,82 @@ class GPUPlugin(Plugin):
     """GPU memory admission; ``host.gpu_optimizer`` is its `GPUOptimizer`."""
 
     name = "gpu"
+    metric_families = (
+        F(
+            "gpu_devices",
+            "gauge",
+            "GPU devices admission manages",
+            "devices",
+            multiprocess_mode="livemostrecent",
+        ),
+        F(
+            "gpu_budget_bytes",
+            "gauge",
+            "Memory admission may lease, per device",
+            "budgets_mb.*",
+            unit="bytes",
+            labels=("device",),
+            scale=2**20,
+            multiprocess_mode="livemostrecent",
+        ),
+        F(
+            "gpu_reserved_bytes",
+            "gauge",
+            "Memory leased now, per device",
+            "reserved_mb.*",
+            unit="bytes",
+            labels=("device",),
+            scale=2**20,
+            multiprocess_mode="livemostrecent",
+        ),
+        F("gpu_admitted_requests", "counter", "Requests given a GPU lease", "admitted"),
+        F(
+            "gpu_waited_requests",
+            "counter",
+            "Requests that waited for memory before their lease",
+            "queued",
+        ),
+        F(
+            "gpu_waiting_requests",
+            "gauge",
+            "Requests waiting for a lease now",
+            "queued_now",
+            multiprocess_mode="livesum",
+        ),
+        F(
+            "gpu_rejected_requests",
+            "counter",
+            "Requests refused a lease (503), by reason",
+            "rejected.*",
+            labels=("reason",),
+        ),
+        F("gpu_releases", "counter", "Leases released", "releases"),
+        F("gpu_release_errors", "counter", "Lease releases that failed", "release_errors"),
+        F("gpu_cpu_leases", "counter", "Requests served on the CPU fallback", "cpu_leases"),
+        F(
+            "gpu_wait_max_seconds",
+            "gauge",
+            "Longest wait for a lease so far",
+            "wait_max_s",
+            unit="seconds",
+        ),
+        F(
+            "gpu_learned_peak_bytes",
+            "gauge",
+            "Peak memory learned per route rule (auto sizing)",
+            "learned.*.max_mb",
+            unit="bytes",
+            labels=("route",),
+            scale=2**20,
+        ),
+        F(
+            "gpu_learned_samples",
+            "counter",
+            "Requests measured per route rule (auto sizing)",
+            "learned.*.samples",
+            labels=("route",),
+        ),
+    )
     Settings = GPUSettings
     provides: ClassVar[dict[str, str]] = {
         "gpu_optimizer": "optimizer",

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from overdrive import ConfigError, Plugin, hookimpl
+from overdrive.metrics import MetricFamily as F
 from overdrive.middleware.responses import PlainResponse
 from overdrive.redact import plain_traceback
 
@@ -63,6 +64,47 @@ class MemoryPlugin(Plugin):
     """Sheds requests (503) above `critical_percent`, recovers below `recover_percent`."""
 
     name = "memory"
+    metric_families = (
+        F(
+            "memory_shedding",
+            "gauge",
+            "1 while requests are refused under memory pressure",
+            "shedding",
+        ),
+        F(
+            "memory_shed_requests",
+            "counter",
+            "Requests answered 503 under memory pressure",
+            "shed_requests",
+        ),
+        F("memory_shed_episodes", "counter", "Times shedding started", "sheds_entered"),
+        F(
+            "memory_used_ratio",
+            "gauge",
+            "Memory in use over the limit the plugin watches (cgroup or machine)",
+            "percent",
+            unit="ratio",
+            scale=0.01,
+            multiprocess_mode="livemostrecent",
+        ),
+        F(
+            "memory_resident_bytes",
+            "gauge",
+            "Resident memory of this process",
+            "rss_mb",
+            unit="bytes",
+            scale=2**20,
+        ),
+        F(
+            "memory_available_bytes",
+            "gauge",
+            "Memory still available under the watched limit",
+            "available_mb",
+            unit="bytes",
+            scale=2**20,
+            multiprocess_mode="livemostrecent",
+        ),
+    )
     Settings = MemorySettings
     provides: ClassVar[dict[str, str]] = {"memory_optimizer": "optimizer"}
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from overdrive import ConfigError, Plugin, hookimpl
+from overdrive.metrics import MetricFamily as F
 
 from .cache import ModelCache, ModelCacheFull, measure_bytes
 from .lazy import LazyDict, LazyLoader, LoadError
@@ -42,6 +43,96 @@ class ModelsSettings:
 
 class ModelsPlugin(Plugin):
     name = "models"
+    metric_families = (
+        F(
+            "model_state",
+            "gauge",
+            "1 for the state each model is in",
+            "models.*.state",
+            labels=("model", "state"),
+            states=("unloaded", "loaded", "parked"),
+        ),
+        F(
+            "model_size_bytes",
+            "gauge",
+            "Memory a model takes when loaded",
+            "models.*.size_bytes",
+            unit="bytes",
+            labels=("model",),
+        ),
+        F(
+            "model_pinned",
+            "gauge",
+            "1 when the model is never evicted",
+            "models.*.pinned",
+            labels=("model",),
+        ),
+        F(
+            "model_loads",
+            "counter",
+            "Times a model was loaded",
+            "models.*.loads",
+            labels=("model",),
+        ),
+        F(
+            "model_hits",
+            "counter",
+            "get_model calls answered by a loaded model",
+            "models.*.hits",
+            labels=("model",),
+        ),
+        F(
+            "model_evictions",
+            "counter",
+            "Times a model was evicted",
+            "models.*.evictions",
+            labels=("model",),
+        ),
+        F(
+            "model_parks",
+            "counter",
+            "Times a model was parked on the CPU",
+            "models.*.parks",
+            labels=("model",),
+        ),
+        F(
+            "model_restores",
+            "counter",
+            "Times a parked model was restored",
+            "models.*.restores",
+            labels=("model",),
+        ),
+        F("model_failures", "counter", "Loads that failed", "models.*.failures", labels=("model",)),
+        F(
+            "model_load_duration_seconds",
+            "gauge",
+            "Seconds the model's last load took",
+            "models.*.load_seconds",
+            unit="seconds",
+            labels=("model",),
+        ),
+        F(
+            "models_used_bytes",
+            "gauge",
+            "Memory held by loaded models, per device",
+            "used_bytes.*",
+            unit="bytes",
+            labels=("device",),
+        ),
+        F(
+            "models_lookups",
+            "counter",
+            "get_model calls, by result",
+            "(hits=hit|misses=miss)",
+            labels=("result",),
+        ),
+        F(
+            "models_pressure_unloads",
+            "counter",
+            "Models unloaded under memory pressure",
+            "pressure_unloads",
+        ),
+    )
     Settings = ModelsSettings
     provides: ClassVar[dict[str, str]] = {"model_cache": "model_cache", "models": "model_cache"}
 

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import overdrive
 from overdrive import ConfigError, hookimpl
+from overdrive.metrics import MetricFamily as F
 from overdrive.middleware.responses import PlainResponse
 
 from .instrument import PoolError, PoolExhausted, PoolFigures, is_exhausted, logger, pool_of
@@ -126,6 +127,82 @@ class PoolsPlugin(overdrive.Plugin):
     """Owns a `ConnectionPoolManager` for the host's lifetime."""
 
     name = "pools"
+    metric_families = (
+        F(
+            "pool_max_connections",
+            "gauge",
+            "Connections a pool keeps open at most (its size)",
+            "pools.*.size",
+            labels=("pool", "kind"),
+        ),
+        F(
+            "pool_checked_out_connections",
+            "gauge",
+            "Connections in use now",
+            "pools.*.checked_out",
+            labels=("pool", "kind"),
+            multiprocess_mode="livesum",
+        ),
+        F(
+            "pool_idle_connections",
+            "gauge",
+            "Connections open and free now",
+            "pools.*.idle",
+            labels=("pool", "kind"),
+            multiprocess_mode="livesum",
+        ),
+        F(
+            "pool_overflow_connections",
+            "gauge",
+            "Connections open beyond the pool's size now",
+            "pools.*.overflow",
+            labels=("pool", "kind"),
+            multiprocess_mode="livesum",
+        ),
+        F(
+            "pool_waits",
+            "counter",
+            "Checkouts that found no free connection and waited",
+            "pools.*.waits",
+            labels=("pool", "kind"),
+        ),
+        F(
+            "pool_wait_seconds",
+            "counter",
+            "Seconds checkouts spent waiting for a connection",
+            "pools.*.wait_seconds",
+            unit="seconds",
+            labels=("pool", "kind"),
+        ),
+        F(
+            "pool_timeouts",
+            "counter",
+            "Waits that ended without a connection (PoolExhausted)",
+            "pools.*.timeouts",
+            labels=("pool", "kind"),
+        ),
+        F(
+            "pool_errors",
+            "counter",
+            "Connection failures (refused, reset, disconnect)",
+            "pools.*.errors",
+            labels=("pool", "kind"),
+        ),
+        F(
+            "pool_recoveries",
+            "counter",
+            "Times a pool came back after being down",
+            "pools.*.recoveries",
+            labels=("pool", "kind"),
+        ),
+        F(
+            "pool_healthy",
+            "gauge",
+            "1 while the pool's backend answers",
+            "pools.*.healthy",
+            labels=("pool", "kind"),
+        ),
+    )
     Settings = PoolsSettings
     provides: ClassVar[dict[str, str]] = {
         "connection_pool_manager": "manager",

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import structlog
 
 from overdrive import ConfigError, Plugin, hookimpl
+from overdrive.metrics import MetricFamily as F
 from overdrive.middleware.internal import EmptyRequest
 
 from .predictor import Predictor
@@ -89,6 +90,43 @@ class PredictiveSettings:
 
 class PredictivePlugin(Plugin):
     name = "predictive"
+    metric_families = (
+        F("predictive_observed_requests", "counter", "Requests the model learned from", "observed"),
+        F(
+            "predictive_prefetches",
+            "counter",
+            "Prefetches, by outcome",
+            "prefetch.(issued|used|expired_unused|not_kept|refused_keys|failed)",
+            labels=("outcome",),
+        ),
+        F(
+            "predictive_prefetches_in_flight",
+            "gauge",
+            "Prefetches running now",
+            "prefetch.inflight",
+        ),
+        F(
+            "predictive_skipped_prefetches",
+            "counter",
+            "Prefetches skipped, by reason",
+            "model.(skipped_inflight=in_flight|skipped_budget=budget)",
+            labels=("reason",),
+        ),
+        F("predictive_model_keys", "gauge", "Keys the model tracks", "model.keys"),
+        F(
+            "predictive_model_observations",
+            "gauge",
+            "Transitions the model holds",
+            "model.observations",
+        ),
+        F("predictive_model_clients", "gauge", "Clients the model tracks", "model.clients"),
+        F(
+            "predictive_model_confident",
+            "gauge",
+            "1 while the model's precision allows prefetching",
+            "model.confident",
+        ),
+    )
     Settings = PredictiveSettings
     provides: ClassVar[dict[str, str]] = {"predictor": "predictor"}
 

@@ -50,6 +50,7 @@ class ProfilerPlugin(Plugin):
         server_timing: bool = False  # add a Server-Timing header to responses
         profile_operations: bool = True  # profile host.run(name, ...) under its name
         track_memory: bool = True  # RSS delta in PerformanceProfiler reports
+        status_codes: str = "class"  # series (and the status label) by "class" (2xx) or "exact"
 
         def __post_init__(self) -> None:
             if self.max_series < 1:
@@ -57,6 +58,10 @@ class ProfilerPlugin(Plugin):
             if self.window_seconds < 1:
                 raise ConfigError(
                     f"profiler.window_seconds: expected >= 1, got {self.window_seconds}"
+                )
+            if self.status_codes not in ("class", "exact"):
+                raise ConfigError(
+                    f"profiler.status_codes: expected 'class' or 'exact', got {self.status_codes!r}"
                 )
             if self.recent_seconds <= 0:
                 raise ConfigError(
@@ -76,7 +81,9 @@ class ProfilerPlugin(Plugin):
         s = self.settings or self.Settings()
         self.settings = s
         self.profiler = PerformanceProfiler(track_memory=s.track_memory)
-        self.metrics = RequestMetrics(s.max_series, s.window_seconds, s.recent_seconds)
+        self.metrics = RequestMetrics(
+            s.max_series, s.window_seconds, s.recent_seconds, s.status_codes == "exact"
+        )
         self._server_timing = s.server_timing
         self._operations = s.profile_operations
 

@@ -36,6 +36,7 @@ OVERFLOW = "<other>"
 # request's whole time minus queue_wait) kept apart.
 PHASES = ("admission", "before_app", "queue_wait", "running", "time_to_first_byte", "app")
 _STATUS_CLASS = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
+_STATUS_CODES = tuple(str(code) for code in range(100, 600))  # no str() per request
 _METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
 )
@@ -61,8 +62,34 @@ def route_template(scope: MutableMapping[str, Any]) -> str:
     if app_root is not None:  # inside a Mount: prefix the mount's part of root_path
         root = scope.get("root_path", "")
         if len(root) > len(app_root):
-            return root[len(app_root) :] + path
+            return _mount_template(root[len(app_root) :], scope.get("path_params")) + path
     return path
+
+
+def _mount_template(mounted: str, params: Any) -> str:
+    """The mount's part of the path with its path parameters put back as ``{name}``.
+
+    ``root_path`` holds the mount's prefix as requested (``/t/acme``); a label
+    must hold its template (``/t/{tenant}``), or every tenant becomes a series.
+    Starlette merges the mount's parameters into ``path_params``; each value
+    found as whole segments of the prefix is replaced by its name. Only for
+    requests under a Mount with parameters.
+    """
+    if not params or not isinstance(params, dict):
+        return mounted
+    segments = mounted.split("/")
+    for name, value in params.items():
+        text = str(value)
+        if not text:
+            continue
+        wanted = text.split("/")
+        n = len(wanted)
+        i = 0
+        while i + n <= len(segments):
+            if segments[i : i + n] == wanted:
+                segments[i : i + n] = ["{" + str(name) + "}"]
+            i += 1
+    return "/".join(segments)
 
 
 class RouteName:
@@ -148,8 +175,17 @@ class RollingWindow:
 class RequestMetrics:
     """All request series of one host, plus in-flight and a recent-latency window."""
 
-    def __init__(self, max_series: int = 1000, window: int = 60, recent: float = 30.0) -> None:
+    def __init__(
+        self,
+        max_series: int = 1000,
+        window: int = 60,
+        recent: float = 30.0,
+        exact_status: bool = False,
+    ) -> None:
         self.max_series = max_series
+        # Series by exact status code (200, 404) instead of class (2xx): at most 500 codes,
+        # and max_series bounds the whole.
+        self.exact_status = exact_status
         self.series: dict[tuple[str, str, str], Series] = {}
         self.live: set[int] = set()  # id() of the requests being served
         self.window = RollingWindow(window)
@@ -166,7 +202,10 @@ class RequestMetrics:
     def get(self, route: str, method: str, status: int | None) -> Series:
         if method not in _METHODS:
             method = "OTHER"
-        cls = _STATUS_CLASS[status // 100] if status is not None and 0 < status < 600 else "5xx"
+        if status is not None and 100 <= status < 600 and self.exact_status:
+            cls = _STATUS_CODES[status - 100]
+        else:
+            cls = _STATUS_CLASS[status // 100] if status is not None and 0 < status < 600 else "5xx"
         key = (route, method, cls)
         series = self.series.get(key)
         if series is None:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 
 from overdrive import Plugin, hookimpl
 from overdrive.errors import ConfigError
+from overdrive.metrics import MetricFamily as F
 from overdrive.settings import merge_settings
 
 from .breaker import CLOSED, CircuitBreaker, CircuitBreakerConfig, CircuitOpenError
@@ -83,6 +84,82 @@ class BreakerPlugin(Plugin):
     """Circuit breakers for routes and operations; `host.circuit_breakers` lists them."""
 
     name = "breaker"
+    metric_families = (
+        F(
+            "breaker_state",
+            "gauge",
+            "1 for the state each breaker is in",
+            "*.state",
+            labels=("breaker", "state"),
+            states=("closed", "open", "half_open"),
+        ),
+        F(
+            "breaker_calls",
+            "counter",
+            "Calls through the breaker",
+            "*.total_calls",
+            labels=("breaker",),
+        ),
+        F(
+            "breaker_failures",
+            "counter",
+            "Calls through the breaker that failed",
+            "*.total_failures",
+            labels=("breaker",),
+        ),
+        F(
+            "breaker_rejected_calls",
+            "counter",
+            "Calls refused while the breaker was open",
+            "*.rejected_calls",
+            labels=("breaker",),
+        ),
+        F("breaker_trips", "counter", "Times the breaker opened", "*.trips", labels=("breaker",)),
+        F(
+            "breaker_window_calls",
+            "gauge",
+            "Calls in the breaker's current window",
+            "*.calls_in_window",
+            labels=("breaker",),
+        ),
+        F(
+            "breaker_window_failures",
+            "gauge",
+            "Failures in the breaker's current window",
+            "*.failure_count",
+            labels=("breaker",),
+        ),
+        F(
+            "breaker_window_slow_calls",
+            "gauge",
+            "Slow calls in the breaker's current window",
+            "*.slow_call_count",
+            labels=("breaker",),
+        ),
+        F(
+            "breaker_half_open_trial_calls",
+            "gauge",
+            "Trial calls in flight while half-open",
+            "*.half_open_in_flight",
+            labels=("breaker",),
+        ),
+        F(
+            "breaker_last_state_change_timestamp_seconds",
+            "gauge",
+            "When the breaker last changed state (Unix time)",
+            "*.last_state_change",
+            unit="seconds",
+            labels=("breaker",),
+        ),
+        F(
+            "breaker_retry_after_seconds",
+            "gauge",
+            "Seconds until an open breaker lets a trial call through",
+            "*.retry_after",
+            unit="seconds",
+            labels=("breaker",),
+        ),
+    )
     Settings = BreakerSettings
     provides: ClassVar[dict[str, str]] = {"circuit_breakers": "breakers"}
 

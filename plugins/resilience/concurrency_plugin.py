@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from overdrive import Plugin, hookimpl
 from overdrive.errors import ConfigError
+from overdrive.metrics import MetricFamily as F
 
 from .common import REJECTED, reject, route_name
 from .limiter import (
@@ -123,6 +124,67 @@ class ConcurrencySettings:
 
 class ConcurrencyPlugin(Plugin):
     name = "concurrency"
+    metric_families = (
+        F("concurrency_limit", "gauge", "Requests allowed in the app at once", "global.limit"),
+        F(
+            "concurrency_requests_in_flight",
+            "gauge",
+            "Requests in the app now",
+            "global.in_flight",
+            multiprocess_mode="livesum",
+        ),
+        F(
+            "concurrency_queued_requests",
+            "gauge",
+            "Requests waiting for a slot now",
+            "global.queued",
+            multiprocess_mode="livesum",
+        ),
+        F("concurrency_admitted_requests", "counter", "Requests given a slot", "global.admitted"),
+        F(
+            "concurrency_shed_requests",
+            "counter",
+            "Requests refused (503): queue full or waited too long",
+            "global.shed",
+        ),
+        F(
+            "concurrency_route_limit",
+            "gauge",
+            "Requests of a route rule allowed in the app at once",
+            "routes.*.limit",
+            labels=("route",),
+        ),
+        F(
+            "concurrency_route_requests_in_flight",
+            "gauge",
+            "Requests of a route rule in the app now",
+            "routes.*.in_flight",
+            labels=("route",),
+            multiprocess_mode="livesum",
+        ),
+        F(
+            "concurrency_route_queued_requests",
+            "gauge",
+            "Requests of a route rule waiting now",
+            "routes.*.queued",
+            labels=("route",),
+            multiprocess_mode="livesum",
+        ),
+        F(
+            "concurrency_route_admitted_requests",
+            "counter",
+            "Requests of a route rule given a slot",
+            "routes.*.admitted",
+            labels=("route",),
+        ),
+        F(
+            "concurrency_route_shed_requests",
+            "counter",
+            "Requests of a route rule refused (503)",
+            "routes.*.shed",
+            labels=("route",),
+        ),
+    )
     Settings = ConcurrencySettings
 
     def __init__(self, settings: ConcurrencySettings | None = None) -> None:

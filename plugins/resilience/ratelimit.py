@@ -32,6 +32,7 @@ from limits.storage import MemoryStorage
 
 from overdrive import Plugin, hookimpl
 from overdrive.errors import ConfigError
+from overdrive.metrics import MetricFamily as F
 from overdrive.plugins.redisconn import is_pool_wait
 
 from .common import REJECTED, reject, route_name
@@ -282,6 +283,21 @@ class RateLimitSettings:
 
 class RateLimitPlugin(Plugin):
     name = "ratelimit"
+    metric_families = (
+        F(
+            "ratelimit_requests",
+            "counter",
+            "Requests the limiter decided on, by decision",
+            "(allowed|limited)",
+            labels=("decision",),
+        ),
+        F(
+            "ratelimit_storage_errors",
+            "counter",
+            "Limiter storage errors (the limiter failed open)",
+            "storage_errors",
+        ),
+    )
     Settings = RateLimitSettings
 
     def __init__(self, settings: RateLimitSettings | None = None) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from overdrive import Plugin, hookimpl
+from overdrive.metrics import MetricFamily as F
 from overdrive.settings import merge_settings
 
 from .common import check_operations
@@ -58,6 +59,30 @@ class RetrySettings:
 
 class RetryPlugin(Plugin):
     name = "retry"
+    metric_families = (
+        F(
+            "retry_retries",
+            "counter",
+            "Retries made, per operation",
+            "*~budget.retries",
+            labels=("operation",),
+        ),
+        F(
+            "retry_exhausted_calls",
+            "counter",
+            "Calls that failed after their last try, per operation",
+            "*~budget.gave_up",
+            labels=("operation",),
+        ),
+        F("retry_budget_calls", "counter", "Calls the retry budget counted", "budget.calls"),
+        F("retry_budget_retries", "counter", "Retries the retry budget allowed", "budget.retries"),
+        F(
+            "retry_budget_refused_retries",
+            "counter",
+            "Retries refused because the budget was spent",
+            "budget.refused",
+        ),
+    )
     Settings = RetrySettings
 
     def __init__(self, settings: RetrySettings | None = None) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from overdrive import Plugin, hookimpl
 from overdrive.errors import ConfigError
+from overdrive.metrics import MetricFamily as F
 
 __all__ = ["TimeoutPlugin", "TimeoutSettings"]
 
@@ -56,6 +57,14 @@ class TimeoutSettings:
 
 class TimeoutPlugin(Plugin):
     name = "timeout"
+    metric_families = (
+        F(
+            "timeout_expired_operations",
+            "counter",
+            "Operations (host.run) cut by their timeout",
+            "operation_timeouts",
+        ),
+    )
     Settings = TimeoutSettings
 
     def __init__(self, settings: TimeoutSettings | None = None) -> None:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 
 import overdrive
 from overdrive import ConfigError, hookimpl
+from overdrive.metrics import MetricFamily as F
 from overdrive.middleware.responses import PlainResponse
 
 from .durable import DurableTaskQueue, TaskNotRegistered, make_broker
@@ -111,6 +112,24 @@ class TasksPlugin(overdrive.Plugin):
     """Runs the background task processor for the app's lifetime."""
 
     name = "tasks"
+    metric_families = (
+        F("tasks_running", "gauge", "1 while the task processor runs", "running"),
+        F("tasks_workers", "gauge", "Workers running now", "current_workers"),
+        F("tasks_target_workers", "gauge", "Workers the autoscaler wants", "target_workers"),
+        F("tasks_busy_workers", "gauge", "Workers running a job now", "busy_workers"),
+        F("tasks_queue_depth", "gauge", "Jobs waiting in the queue", "queue_depth"),
+        F("tasks_queue_capacity", "gauge", "Jobs the queue may hold", "queue_size"),
+        F("tasks_submitted_jobs", "counter", "Jobs submitted", "submitted"),
+        F(
+            "tasks_finished_jobs",
+            "counter",
+            "Jobs finished, by outcome",
+            "(completed|failed|cancelled|timed_out)",
+            labels=("outcome",),
+        ),
+        F("tasks_dropped_jobs", "counter", "Jobs dropped (queue full, drop policy)", "dropped"),
+        F("tasks_rejected_jobs", "counter", "Jobs refused (queue full)", "rejected"),
+    )
     Settings = TasksSettings
     provides: ClassVar[dict[str, str]] = {
         "tasks": "tasks",

@@ -20,6 +20,7 @@ import overdrive.contrib.prometheus as prometheus_module
 from overdrive import hookimpl
 from overdrive.contrib.prometheus import PrometheusPlugin, flatten_stats, make_asgi_app
 from overdrive.contrib.testing import check_plugin, make_host, serve
+from overdrive.metrics import MetricFamily
 
 
 async def video(request):  # type: ignore[no-untyped-def]
@@ -33,6 +34,29 @@ class Figures:
     """Stands in for other plugins' collect_stats shapes (cache, breaker, gpu, tasks)."""
 
     name = "figures"
+    metric_families = (
+        MetricFamily(
+            "figures_lookups", "counter", "Lookups", "(hits=hit|misses=miss)", labels=("result",)
+        ),
+        MetricFamily("figures_size_bytes", "gauge", "Size", "size_mb", unit="bytes", scale=2**20),
+        MetricFamily(
+            "figures_breaker_state",
+            "gauge",
+            "State",
+            "breakers.*.state",
+            labels=("breaker", "state"),
+            states=("closed", "open", "half_open"),
+        ),
+        MetricFamily(
+            "figures_device_used_bytes",
+            "gauge",
+            "Used",
+            "devices.*.memory_used_mb",
+            unit="bytes",
+            labels=("device",),
+            scale=2**20,
+        ),
+    )
 
     @hookimpl
     def collect_stats(self, host: Any) -> dict[str, Any]:
@@ -104,16 +128,16 @@ async def test_metrics_endpoint_has_request_and_plugin_figures() -> None:
     assert _value(fams, "overdrive_http_request_phase_seconds_total", phase="app", **route) > 0
     assert _value(fams, "overdrive_http_requests_total", route="<unmatched>") == 1
     assert fams["overdrive_http_requests_in_flight"].type == "gauge"
-    # Other plugins' figures, in base units and conventional names.
-    assert fams["overdrive_figures_hits"].type == "counter"
-    assert _value(fams, "overdrive_figures_hits_total") == 7
-    assert _value(fams, "overdrive_figures_hit_rate") == 0.7
+    # Other plugins' figures: what they declare, and nothing else.
+    assert fams["overdrive_figures_lookups"].type == "counter"
+    assert _value(fams, "overdrive_figures_lookups_total", result="hit") == 7
+    assert _value(fams, "overdrive_figures_lookups_total", result="miss") == 3
     assert _value(fams, "overdrive_figures_size_bytes") == 2 * 2**20
-    assert _value(fams, "overdrive_figures_latency_seconds") == 0.25
     assert _value(fams, "overdrive_figures_breaker_state", breaker="payments", state="open") == 1
-    assert _value(fams, "overdrive_figures_device_memory_used_bytes", device="0") == 2**20
-    assert _value(fams, "overdrive_figures_device_utilization_ratio", device="0") == 0.5
-    assert _value(fams, "overdrive_system_process_rss_bytes") > 0
+    assert _value(fams, "overdrive_figures_breaker_state", breaker="payments", state="closed") == 0
+    assert _value(fams, "overdrive_figures_device_used_bytes", device="0") == 2**20
+    assert not any("hit_rate" in name or "latency" in name for name in fams)  # undeclared
+    assert _value(fams, "overdrive_system_process_resident_memory_bytes") > 0
     # A plugin whose collect_stats raised is shown, and the others still appear.
     assert _value(fams, "overdrive_plugin_stats_failed", plugin="broken") == 1
 
@@ -207,8 +231,17 @@ WORKER = textwrap.dedent(
     async def video(request):
         return PlainTextResponse("v")
 
+    from overdrive.metrics import MetricFamily
+
     class Gpu:
         name = "gpu"
+        metric_families = (
+            MetricFamily(
+                "gpu_device_used_bytes", "gauge", "Used", "devices.*.memory_used_mb",
+                unit="bytes", labels=("device",), scale=2**20,
+                multiprocess_mode="livemostrecent",
+            ),
+        )
 
         @hookimpl
         def collect_stats(self, host):
@@ -243,7 +276,7 @@ def test_multiprocess_mode_sums_workers(tmp_path: Path) -> None:
     assert _value(fams, "overdrive_http_requests_total", **route) == 7
     assert _value(fams, "overdrive_http_request_duration_seconds_count", **route) == 7
     assert _value(fams, "overdrive_http_request_duration_seconds_bucket", le="+Inf", **route) == 7
-    assert _value(fams, "overdrive_gpu_device_memory_used_bytes", device="0") == 5 * 2**20
+    assert _value(fams, "overdrive_gpu_device_used_bytes", device="0") == 5 * 2**20
 
 
 @pytest.mark.parametrize("bad", [{"flush_seconds": 0}, {"path": "metrics"}, {"buckets": [-1]}])
