@@ -19,6 +19,7 @@ import structlog
 
 from overdrive import Plugin, hookimpl
 from overdrive.errors import ConfigError
+from overdrive.metrics import MetricFamily as F
 
 from .http import (
     BodyTooLarge,
@@ -59,6 +60,40 @@ def _error(status: int, text: str, retry_after: float | None = None, **extra: An
 
 class JobsPlugin(Plugin):
     name = "jobs"
+    # Per-tenant figures stay on the stats endpoint: a tenant id is not a label value.
+    metric_families = (
+        F("jobs_stored", "gauge", "Jobs the store holds, by state", "jobs.*", labels=("state",)),
+        F("jobs_queue_depth", "gauge", "Jobs waiting to run", "queued"),
+        F(
+            "jobs_stored_result_bytes",
+            "gauge",
+            "Bytes of kept results",
+            "result_bytes",
+            unit="bytes",
+        ),
+        F(
+            "jobs_evicted_results",
+            "counter",
+            "Results evicted to keep the byte bound",
+            "results_evicted",
+        ),
+        F("jobs_submitted", "counter", "Jobs submitted", "submitted"),
+        F(
+            "jobs_refused_submissions",
+            "counter",
+            "Submissions refused, by reason",
+            "(queue_full|tenant_full|body_too_large)",
+            labels=("reason",),
+        ),
+        F(
+            "jobs_idempotent_requests",
+            "counter",
+            "Requests with an Idempotency-Key, by outcome",
+            "(replayed|joined|conflicts=conflict|mismatches=mismatch)",
+            labels=("outcome",),
+        ),
+        F("jobs_key_store_errors", "counter", "Idempotency key store errors", "key_store_errors"),
+    )
     Settings = JobsSettings
     provides: ClassVar[dict[str, str]] = {"jobs": "self_"}
 
