@@ -75,8 +75,9 @@ def redact_url(url: str) -> str:
         # password holds one of those characters unescaped ("u:p/w@h"). The latter when
         # the authority has a ":" not followed by a port number.
         # Over-redacting such a URL is safe; stopping short would leak: the last "@".
+        # "[::1]" is an IPv6 host, never user info.
         _, colon, after = authority.rpartition(":")
-        if colon and not after.isdigit():
+        if colon and not after.isdigit() and not authority.startswith("["):
             at = rest.rfind("@")
     if at >= 0:
         userinfo, host_and_rest = rest[:at], rest[at + 1 :]
