@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from asyncio import _get_running_loop
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from time import perf_counter
 from typing import Any
 
@@ -392,13 +392,17 @@ class Overdrive(ChainWalker):
 
     # -- stats ---------------------------------------------------------------------
 
-    async def get_system_stats(self) -> dict[str, Any]:
+    async def get_system_stats(self, *, exclude: Collection[str] = ()) -> dict[str, Any]:
         """Every plugin's `collect_stats` under its name, host and system figures.
 
         A plugin whose `collect_stats` raises shows ``{"error": ...}``; the others still appear.
+        `exclude` names plugins whose `collect_stats` is not called (the Prometheus
+        exporter reads the profiler's series directly and skips its percentile table).
         """
         stats: dict[str, Any] = {"timestamp": time.time()}
         for fn, is_async, info, _ in self.chains.get("collect_stats", _EMPTY):
+            if exclude and info.name in exclude:
+                continue
             try:
                 figures = fn(self)
                 if is_async:

@@ -13,7 +13,7 @@ default; and `get_system_stats()` also answers in the seed's keys
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from .config import find_config_file
@@ -64,8 +64,8 @@ class AdvancedPerformanceSystem(Overdrive):
         state = {"redis_client": redis_client} if redis_client is not None else {}
         super().__init__(config, plugins=plugins, env=env, redis_url=redis_url, state=state)
 
-    async def get_system_stats(self) -> dict[str, Any]:
-        stats = await super().get_system_stats()
+    async def get_system_stats(self, *, exclude: Collection[str] = ()) -> dict[str, Any]:
+        stats = await super().get_system_stats(exclude=exclude)
         tasks = stats.get("tasks") or {}
         stats.setdefault(
             "auto_scaler",

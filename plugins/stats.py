@@ -20,7 +20,7 @@ import hashlib
 import hmac
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl
@@ -78,6 +78,9 @@ class StatsPlugin(Plugin):
         hide: bool = False  # answer 404 instead of 401 when the token is missing or wrong
         refresh_seconds: float = 2.0  # how often the dashboard polls
         history: int = 300  # points the dashboard keeps per chart
+        # The app's own paths that need the same token (its stats route): refused
+        # without it, passed to the app with it.
+        protect: list[str] = field(default_factory=list)
 
         def __post_init__(self) -> None:
             if not self.path.startswith("/") or (self.path != "/" and self.path.endswith("/")):
@@ -86,6 +89,9 @@ class StatsPlugin(Plugin):
                 )
             if self.token is not None and len(self.token) < 8:
                 raise ConfigError("stats.token: expected at least 8 characters")
+            for path in self.protect:
+                if not isinstance(path, str) or not path.startswith("/"):
+                    raise ConfigError(f"stats.protect: expected paths '/...', got {path!r}")
             if self.refresh_seconds <= 0:
                 raise ConfigError(
                     f"stats.refresh_seconds: expected > 0, got {self.refresh_seconds}"
@@ -111,6 +117,7 @@ class StatsPlugin(Plugin):
         self._static = prefix + "/static/"
         self._token = _digest(s.token) if s.token is not None else None
         self._denied = 404 if s.hide else 401
+        self._protect = frozenset(s.protect)
         self._routes = {
             "stats": RouteName(self._stats_path),
             "page": RouteName(self._page_path),
@@ -172,6 +179,12 @@ class StatsPlugin(Plugin):
     @hookimpl(tryfirst=True)
     def before_request(self, ctx: Any) -> Any:
         path = ctx.path
+        if self._protect and path in self._protect:
+            # The app answers; only a request with the token reaches it. Off (no token,
+            # not public) refuses too: a protected path never opens by misconfiguration.
+            if self._off or not self._allowed(self._given_token(ctx)[0]):
+                return self._refuse()
+            return None
         if not path.startswith(self._prefix) or self._off:
             return None
         if path == self._stats_path:

@@ -15,11 +15,15 @@ from typing import Any
 
 from overdrive.middleware.responses import PlainResponse
 
+from .exposition import ScrapeCache, encode_text
 from .families import PROFILER_FAMILIES, declared_samples, host_samples
 from .mapping import _SKIP_SECTIONS as _SKIP
 from .mapping import DEFAULT_BUCKETS, Hist, Sample, flatten_stats
 
 __all__ = ["PrometheusExporter", "make_asgi_app"]
+
+_READ_DIRECTLY = frozenset({"profiler"})
+_NOT_ALLOWED = PlainResponse(405, b"Method Not Allowed\n", [(b"allow", b"GET, HEAD")])
 
 logger = logging.getLogger("overdrive.prometheus")
 
@@ -37,8 +41,13 @@ class PrometheusExporter:
         registry: Any = None,
         include_default_registry: bool = True,
         undeclared: bool = False,
+        cache_seconds: float = 1.0,
+        render_in_thread: bool = True,
     ) -> None:
         self.host = host
+        # One rendered scrape per content type is served for `cache_seconds` (0: none).
+        self.cache = ScrapeCache(cache_seconds)
+        self.render_in_thread = render_in_thread
         # Figures of plugins that declare no families, under names guessed from their
         # stats keys (the mapping of overdrive <= 0.x): off unless asked for.
         self.undeclared = undeclared
@@ -61,8 +70,9 @@ class PrometheusExporter:
     # -- gathering ---------------------------------------------------------------
 
     async def refresh(self) -> None:
-        """Fetch every plugin's figures (`host.get_system_stats()`)."""
-        self._stats = await self.host.get_system_stats()
+        """Fetch every plugin's figures (`host.get_system_stats()`), but the profiler's
+        table of percentiles: its series are read directly."""
+        self._stats = await self.host.get_system_stats(exclude=_READ_DIRECTLY)
 
     def samples(self) -> tuple[list[Sample], list[Hist]]:
         """The current figures as samples and histograms, through the declared families."""
@@ -72,7 +82,7 @@ class PrometheusExporter:
         if self.undeclared:
             declared = {"host", "system", "profiler"} | {
                 name
-                for name, info in self.host.plugins.items()
+                for name, info in list(self.host.plugins.items())
                 if getattr(info.obj, "metric_families", ())
             }
             samples += flatten_stats(self._stats, ns, skip=_SKIP | declared)
@@ -245,32 +255,75 @@ class PrometheusExporter:
     # -- exposition --------------------------------------------------------------------
 
     async def render(self, accept: str | None = None) -> tuple[bytes, str]:
-        """(body, content type) of a scrape."""
-        from prometheus_client import CollectorRegistry
+        """(body, content type) of a scrape: from the cache when one is fresh.
+
+        A cache miss gathers the plugins' figures on the event loop (their
+        `collect_stats` may be async), then builds and encodes the samples in a
+        worker thread, so the loop keeps serving requests meanwhile; concurrent
+        scrapes share that one render.
+        """
         from prometheus_client.exposition import choose_encoder
 
         encoder, content_type = choose_encoder(accept or "")
+        openmetrics = content_type.startswith("application/openmetrics-text")
+        return await self.cache.get(
+            "openmetrics" if openmetrics else "text",
+            lambda: self._render(encoder, content_type, openmetrics),
+        )
+
+    async def _render(
+        self, encoder: Any, content_type: str, openmetrics: bool
+    ) -> tuple[bytes, str]:
+        from prometheus_client import CollectorRegistry
+
         if self.multiprocess:
             from prometheus_client import multiprocess
 
             await self.flush()
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
-            return encoder(registry), content_type
+            return await self._off_loop(encoder, registry), content_type
         await self.refresh()
+        if openmetrics:  # prometheus_client's encoder: exemplars, # UNIT, # EOF
+            both = _Both(self.registry) if self.include_default_registry else self.registry
+            return await self._off_loop(encoder, both), content_type
+        return await self._off_loop(self._text), content_type
+
+    def _text(self) -> bytes:
+        """The text format: prometheus_client's global registry, then ours, written directly."""
+        head = b""
         if self.include_default_registry:
-            return encoder(_Both(self.registry)), content_type
-        return encoder(self.registry), content_type
+            from prometheus_client import REGISTRY, generate_latest
+
+            head = generate_latest(REGISTRY)
+        samples, hists = self.samples()
+        return head + encode_text(samples, hists, self.buckets).encode("utf-8")
+
+    async def _off_loop(self, fn: Any, *args: Any) -> Any:
+        if not self.render_in_thread:
+            return fn(*args)
+        import anyio
+
+        return await anyio.to_thread.run_sync(fn, *args)
 
     async def asgi(self, scope: Any, receive: Any, send: Any) -> None:
-        """An ASGI app answering a scrape."""
+        """An ASGI app answering a scrape (GET or HEAD; anything else 405)."""
+        method = scope.get("method", "GET")
+        if method not in ("GET", "HEAD"):
+            await _NOT_ALLOWED(scope, receive, send)
+            return
         accept = None
         for name, value in scope.get("headers") or ():
             if name == b"accept":
                 accept = value.decode("latin-1")
         body, content_type = await self.render(accept)
-        response = PlainResponse(200, body, content_type=content_type.encode("latin-1"))
-        await response(scope, receive, send)
+        headers = [
+            (b"content-type", content_type.encode("latin-1")),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
 
     def mark_process_dead(self) -> None:
         if self.multiprocess:

@@ -156,7 +156,7 @@ def declared_samples(host: Any, stats: Mapping[str, Any], namespace: str) -> lis
     out: list[Sample] = []
     sections: list[tuple[Any, tuple[F, ...]]] = [(stats.get("system"), SYSTEM_FAMILIES)]
     failed = []
-    for name, info in host.plugins.items():
+    for name, info in list(host.plugins.items()):
         families = getattr(info.obj, "metric_families", ()) or ()
         figures = stats.get(name)
         if isinstance(figures, Mapping) and set(figures) == {"error"}:

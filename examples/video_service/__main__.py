@@ -27,6 +27,7 @@ import time
 import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -151,6 +152,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def with_token(profile: Any, token: str) -> Any:
+    """`profile` with the stats token on its stats endpoint."""
+    import dataclasses
+
+    endpoints = [
+        dataclasses.replace(e, headers={**e.headers, "authorization": f"Bearer {token}"})
+        if e.path == "/api/system/stats"
+        else e
+        for e in profile.endpoints
+    ]
+    return dataclasses.replace(profile, endpoints=endpoints)
+
+
 def cmd_load(args: argparse.Namespace) -> int:
     from overdrive.contrib.load import VIDEO_SERVICE, format_summary, run_load
 
@@ -181,11 +195,13 @@ def cmd_load(args: argparse.Namespace) -> int:
             flush=True,
         )
         results = []
+        # The stats route needs the token, as the dashboard does.
+        profile = with_token(VIDEO_SERVICE, token)
         for url, label in ((on, "plugins on"), (off, "plugins off")):
             result = asyncio.run(
                 run_load(
                     url,
-                    VIDEO_SERVICE,
+                    profile,
                     duration=args.duration,
                     concurrency=args.concurrency,
                     progress=sys.stderr,

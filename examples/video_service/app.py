@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import os
 import struct
 import tempfile
@@ -416,8 +417,20 @@ def create_app(env: Mapping[str, str] | None = None) -> FastAPI:
         data["worker"] = os.getpid()
         return JSONResponse(data, headers={"cache-control": "no-store"})
 
+    stats_token = env.get("OVERDRIVE_STATS__TOKEN")
+
     @app.get("/api/system/stats")
-    async def system_stats() -> JSONResponse:
+    async def system_stats(request: Request) -> JSONResponse:
+        # Protected like the dashboard: the stats plugin checks the token (stats.protect);
+        # with the plugins off, the app checks the same token itself.
+        if host.get_plugin("stats") is None and not token_matches(
+            request.headers.get("authorization"), stats_token
+        ):
+            return JSONResponse(
+                {"error": "pass the stats token (Authorization: Bearer ...)"},
+                status_code=401,
+                headers={"www-authenticate": 'Bearer realm="overdrive"'},
+            )
         stats = await host.get_system_stats()
         stats["worker"] = os.getpid()
         return JSONResponse(_json_safe(stats), headers={"cache-control": "no-store"})
@@ -431,6 +444,15 @@ async def finish_video(services: Services, video_id: int) -> None:
     await asyncio.sleep(0.05)
     async with services.engine.begin() as conn:
         await conn.execute(VIDEOS.update().where(VIDEOS.c.id == video_id).values(status="ready"))
+
+
+def token_matches(authorization: str | None, token: str | None) -> bool:
+    """Whether ``Authorization: Bearer <token>`` carries `token` (digests compared)."""
+    if not token:
+        return False
+    given = authorization[7:] if authorization and authorization[:7].lower() == "bearer " else ""
+    digest = hashlib.sha256
+    return hmac.compare_digest(digest(given.encode()).digest(), digest(token.encode()).digest())
 
 
 def _cuda() -> bool:

@@ -112,7 +112,8 @@ def requests_counted(c: httpx.Client) -> float:
 
 
 def worker_of(c: httpx.Client) -> int:
-    pid: int = c.get("/api/system/stats").json()["worker"]
+    auth = {"authorization": "Bearer scale-out-test-token"}
+    pid: int = c.get("/api/system/stats", headers=auth).json()["worker"]
     return pid
 
 

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from examples.video_service import external
+from examples.video_service.__main__ import with_token
 from examples.video_service.app import (
     CONFIG_FILE,
     STREAM_BYTES,
@@ -33,6 +34,7 @@ from overdrive.contrib.testing import Harness, serve
 from tests.support.server import serving
 
 TOKEN = "video-service-test-token"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture
@@ -110,7 +112,7 @@ async def test_every_endpoint_with_every_plugin_on(service: Harness) -> None:
     assert isinstance(body["gpu"], int)  # a (simulated) GPU lease was granted
     assert (await c.post("/api/videos/generate", json={"prompt": ""})).status_code == 422
 
-    stats = (await c.get("/api/system/stats")).json()
+    stats = (await c.get("/api/system/stats", headers=AUTH)).json()
     for section in ("cache", "gpu", "breaker", "tasks", "pools", "profiler", "models"):
         assert section in stats, section
     assert stats["cache"]  # figures, not an error
@@ -199,7 +201,7 @@ async def test_the_breaker_opens_when_the_recommender_fails(service: Harness) ->
     calls = external.CALLS["failed"]
     await c.get("/api/videos/1/recommendations")
     assert external.CALLS["failed"] == calls  # refused without a call
-    stats = (await c.get("/api/system/stats")).json()
+    stats = (await c.get("/api/system/stats", headers=AUTH)).json()
     assert stats["breaker"]["op:recommender"]["state"] == "open"
 
 
@@ -214,13 +216,17 @@ async def test_every_endpoint_with_every_plugin_off(bare: Harness) -> None:
     assert (await c.get("/api/videos/1/recommendations")).json()["source"] == "recommender"
     part = await c.get("/api/videos/2/stream", headers={"range": "bytes=0-9"})
     assert part.status_code == 206
-    assert "timestamp" in (await c.get("/api/system/stats")).json()
+    assert "timestamp" in (await c.get("/api/system/stats", headers=AUTH)).json()
 
 
 async def test_the_load_generator_sees_hits_and_no_errors(service: Harness) -> None:
     transport = httpx.ASGITransport(app=service.app)
     result = await run_load(
-        "http://test", VIDEO_SERVICE, duration=1.0, concurrency=4, transport=transport
+        "http://test",
+        with_token(VIDEO_SERVICE, TOKEN),
+        duration=1.0,
+        concurrency=4,
+        transport=transport,
     )
     total = result.figures()
     assert total["requests"] > 20
@@ -254,3 +260,16 @@ async def test_postgresql_through_database_url(
         assert made.status_code == 201
         got = await h.client.get(f"/api/videos/{made.json()['id']}")
         assert got.json()["title"] == "pg"
+
+
+async def test_the_stats_route_is_protected_like_the_dashboard(
+    service: Harness, bare: Harness
+) -> None:
+    """With every plugin on (the stats plugin's `protect`) and with every plugin off (the app)."""
+    for h in (service, bare):
+        refused = await h.client.get("/api/system/stats")
+        assert refused.status_code == 401
+        assert "timestamp" not in refused.text
+        wrong = await h.client.get("/api/system/stats", headers={"authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        assert (await h.client.get("/api/system/stats", headers=AUTH)).status_code == 200
