@@ -112,6 +112,8 @@ class RequestContext:
     body_observers: list[BodyObserver] | None = None
     #: HIT, MISS, STALE, BYPASS: set by the cache plugin, read by logs and metrics.
     cache_status: str | None = None
+    #: The plugin whose before_request or cache_lookup answered instead of the app.
+    answered_by: str | None = None
     #: Seconds spent waiting in queues (concurrency limit, GPU admission).
     queue_wait: float = 0.0
     t_admitted: float = 0.0

@@ -10,6 +10,7 @@ that the caller awaits. The middleware uses `first`/`each`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Coroutine
 from time import perf_counter
@@ -80,6 +81,7 @@ class ChainWalker:
                 self.fault(info, hook, exc)
                 result = None
             if result is not None and self._accept(info, hook, result) is not None:
+                _answered(hook, args, info)
                 return result
         timed = self.timed
         for fn, is_async, info, timing in chain[start:] if start else chain:
@@ -96,6 +98,7 @@ class ChainWalker:
             if timed:
                 _record(timing, perf_counter() - t0)
             if result is not None and self._accept(info, hook, result) is not None:
+                _answered(hook, args, info)
                 return result
         return None
 
@@ -128,6 +131,7 @@ class ChainWalker:
                 index = chain.index(entry) + 1
                 return self._first_from(hook, chain, index, (ctx,), result)
             if self._accept(info, hook, result) is not None:
+                _answered(hook, (ctx,), info)
                 return result
         return None
 
@@ -215,3 +219,11 @@ class ChainWalker:
                 continue
             if timed:
                 _record(timing, perf_counter() - t0)
+
+
+def _answered(hook: str, args: tuple[Any, ...], info: PluginInfo) -> None:
+    """Note on the request which plugin answered it instead of the app (a 429, a 503,
+    a cache hit): ``ctx.answered_by``, for traces and logs. Only on a short-circuit."""
+    if hook in hookspecs.SHORT_CIRCUIT_HOOKS and args:
+        with contextlib.suppress(AttributeError):
+            args[0].answered_by = info.name
