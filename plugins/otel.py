@@ -88,10 +88,16 @@ class OtelPlugin(Plugin):
         propagate_http: bool = True  # send traceparent on the pools' aiohttp requests
         duration_metric: bool = True  # http.server.request.duration, with a MeterProvider
 
-    def __init__(self, settings: Any = None) -> None:
+    def __init__(
+        self, settings: Any = None, *, tracer_provider: Any = None, meter_provider: Any = None
+    ) -> None:
+        """`tracer_provider`/`meter_provider`: instead of the global ones (tests, or an
+        app that keeps its providers to itself)."""
         super().__init__(settings)
         self.tracer: Any = None
         self._duration: Any = None
+        self._tracer_provider = tracer_provider
+        self._meter_provider = meter_provider
 
     @hookimpl
     def overdrive_configure(self, host: Any) -> None:
@@ -110,9 +116,9 @@ class OtelPlugin(Plugin):
         self._internal = SpanKind.INTERNAL
         self._error = Status(StatusCode.ERROR)
         self._getter = _getter()
-        self.tracer = trace.get_tracer(s.tracer_name)
+        self.tracer = trace.get_tracer(s.tracer_name, tracer_provider=self._tracer_provider)
         if s.duration_metric:
-            meter = metrics.get_meter(s.tracer_name)
+            meter = metrics.get_meter(s.tracer_name, meter_provider=self._meter_provider)
             self._duration = meter.create_histogram(
                 "http.server.request.duration",
                 unit="s",

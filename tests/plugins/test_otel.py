@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import structlog
-from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -29,10 +28,16 @@ from tests.support.server import serving
 
 EXPORTER = InMemorySpanExporter()
 READER = InMemoryMetricReader()
-_provider = TracerProvider()
-_provider.add_span_processor(SimpleSpanProcessor(EXPORTER))
-trace.set_tracer_provider(_provider)  # once per process: the API refuses a second one
-metrics.set_meter_provider(MeterProvider(metric_readers=[READER]))
+PROVIDER = TracerProvider()
+PROVIDER.add_span_processor(SimpleSpanProcessor(EXPORTER))
+METERS = MeterProvider(metric_readers=[READER])
+# Providers of these tests' own, not the process-wide ones: the rest of the suite
+# records nothing into them.
+
+
+def otel() -> OtelPlugin:
+    return OtelPlugin(tracer_provider=PROVIDER, meter_provider=METERS)
+
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -60,7 +65,7 @@ def config(*plugins: str, **extra: Any) -> dict[str, Any]:
 
 async def test_one_server_span_per_request_with_the_http_conventions() -> None:
     app = Starlette(routes=[Route("/videos/{video_id}", video)])
-    async with serve(app, plugins=[OtelPlugin()]) as h:
+    async with serve(app, plugins=[otel()]) as h:
         r = await h.client.get(
             "/videos/7", headers={"traceparent": TRACEPARENT, "user-agent": "probe/1"}
         )
@@ -83,7 +88,7 @@ async def test_a_5xx_marks_the_span_as_an_error() -> None:
     async def broken(request: Request) -> PlainTextResponse:
         return PlainTextResponse("no", status_code=503)
 
-    async with serve(Starlette(routes=[Route("/b", broken)]), plugins=[OtelPlugin()]) as h:
+    async with serve(Starlette(routes=[Route("/b", broken)]), plugins=[otel()]) as h:
         await h.client.get("/b")
     (span,) = server_spans()
     assert span.status.status_code.name == "ERROR"
@@ -92,13 +97,12 @@ async def test_a_5xx_marks_the_span_as_an_error() -> None:
 
 async def test_cache_verdicts_and_admission_answers_are_events() -> None:
     app = Starlette(routes=[Route("/videos/{video_id}", video)])
-    settings = config(
-        "cache", "ratelimit", ratelimit={"limit": "2/minute", "headers": True}
-    )
-    async with serve(app, plugins=[OtelPlugin()], config=settings) as h:
+    settings = config("cache", "ratelimit", ratelimit={"limit": "2/minute", "headers": True})
+    async with serve(app, plugins=[otel()], config=settings) as h:
         statuses = [(await h.client.get("/videos/1")).status_code for _ in range(3)]
     assert statuses == [200, 200, 429]
     first, second, third = sorted(server_spans(), key=lambda s: s.start_time)
+
     def named(span: Any, name: str) -> list[dict[str, Any]]:
         return [dict(e.attributes or {}) for e in span.events if e.name == name]
 
@@ -131,7 +135,7 @@ async def test_each_operation_is_a_child_span_with_its_retries() -> None:
 
     app = Starlette(routes=[Route("/r", endpoint)])
     settings = config("retry", retry={"attempts": 3, "wait_initial": 0.001, "wait_max": 0.001})
-    async with serve(app, plugins=[OtelPlugin()], config=settings) as h:
+    async with serve(app, plugins=[otel()], config=settings) as h:
         assert (await h.client.get("/r")).json() == {"answer": "ok"}
     (server,) = server_spans()
     (op,) = [s for s in EXPORTER.get_finished_spans() if s.name == "host.run recommender"]
@@ -142,8 +146,8 @@ async def test_each_operation_is_a_child_span_with_its_retries() -> None:
 
 async def test_beside_the_asgi_instrumentation_there_is_one_server_span() -> None:
     app = Starlette(routes=[Route("/videos/{video_id}", video)])
-    async with serve(app, plugins=[OtelPlugin()], config=config("cache")) as h:
-        instrumented = OpenTelemetryMiddleware(h.app)
+    async with serve(app, plugins=[otel()], config=config("cache")) as h:
+        instrumented = OpenTelemetryMiddleware(h.app, tracer_provider=PROVIDER)
         import httpx
 
         transport = httpx.ASGITransport(app=instrumented)
@@ -173,7 +177,7 @@ async def test_log_lines_background_tasks_and_outgoing_calls_carry_the_trace() -
             host = request.scope["overdrive.ctx"].host
 
             async def background() -> None:
-                with trace.get_tracer("app").start_as_current_span("transcode"):
+                with PROVIDER.get_tracer("app").start_as_current_span("transcode"):
                     pass
 
             await asyncio.create_task(background())
@@ -183,7 +187,7 @@ async def test_log_lines_background_tasks_and_outgoing_calls_carry_the_trace() -
 
         app = Starlette(routes=[Route("/g", endpoint)])
         settings = config("pools", pools={"http": {"echo": {"base_url": echo_url}}})
-        async with serve(app, plugins=[OtelPlugin()], config=settings) as h:
+        async with serve(app, plugins=[otel()], config=settings) as h:
             await h.client.get("/g")
     (server,) = server_spans()
     trace_id = f"{server.context.trace_id:032x}"
@@ -199,7 +203,7 @@ async def test_log_lines_background_tasks_and_outgoing_calls_carry_the_trace() -
 
 async def test_the_request_duration_metric() -> None:
     app = Starlette(routes=[Route("/videos/{video_id}", video)])
-    async with serve(app, plugins=[OtelPlugin()]) as h:
+    async with serve(app, plugins=[otel()]) as h:
         await h.client.get("/videos/9")
     data = READER.get_metrics_data()
     points = [
