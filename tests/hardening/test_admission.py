@@ -43,7 +43,8 @@ async def test_failing_stats_never_quarantine_a_plugins_request_checks() -> None
     """Item 11: 21 /metrics scrapes used to quarantine the guard and let /admin through."""
     guard = Guard()
     host = make_host(guard, config={"plugins": ["guard"], "quarantine_after": 5})
-    app = Starlette(routes=[Route("/admin", admin), Mount("/metrics", app=make_asgi_app(host))])
+    metrics = make_asgi_app(host, cache_seconds=0)  # every scrape renders: counted below
+    app = Starlette(routes=[Route("/admin", admin), Mount("/metrics", app=metrics)])
     async with serve(app, host=host) as h:
         assert (await h.client.get("/admin")).status_code == 401
         for _ in range(25):
