@@ -20,6 +20,7 @@ EXTRA_OF = {
     "httpx": "testing",
     "limits": "resilience",
     "msgpack": "redis",
+    "opentelemetry": "otel",
     "prometheus_client": "prometheus",
     "pytest": "testing",
     "pytest_asyncio": "testing",
@@ -36,6 +37,7 @@ EXTRA_OF = {
 #: Built-in plugin -> the extra it cannot load without. The others load and run on
 #: the core alone; a backend they are configured for may need one (docs/plugins/).
 PLUGIN_EXTRAS = {
+    "otel": "otel",
     "prometheus": "prometheus",
     "ratelimit": "resilience",
     "retry": "resilience",

@@ -24,7 +24,17 @@ ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PLUGINS = sorted(PYPROJECT["project"]["entry-points"]["overdrive.plugins"])
 # The extras a user installs to run plugins (not the developers' test/bench/demo/all).
-RUNTIME = ("gpu", "http", "postgres", "prometheus", "redis", "resilience", "tasks", "testing")
+RUNTIME = (
+    "gpu",
+    "http",
+    "otel",
+    "postgres",
+    "prometheus",
+    "redis",
+    "resilience",
+    "tasks",
+    "testing",
+)
 
 SCRIPT = """
 import asyncio, importlib.abc, json, sys

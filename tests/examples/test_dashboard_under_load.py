@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from examples.video_service import external
+from examples.video_service.__main__ import with_token
 from examples.video_service.app import create_app
 from overdrive.contrib.load import VIDEO_SERVICE, LoadResult, run_load
 from tests.contrib import test_dashboard as dashboard  # the browser harness
@@ -51,7 +52,7 @@ def test_the_dashboard_charts_the_load(tmp_path: Path, recommender: str) -> None
             assert response is not None and response.status == 200
 
             def drive() -> None:
-                load = run_load(url, VIDEO_SERVICE, duration=4.0, concurrency=6)
+                load = run_load(url, with_token(VIDEO_SERVICE, TOKEN), duration=4.0, concurrency=6)
                 results.append(asyncio.run(load))
 
             load = threading.Thread(target=drive)
