@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 from time import monotonic
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import limits
 import limits.aio.strategies
@@ -34,6 +33,7 @@ from overdrive import Plugin, hookimpl
 from overdrive.errors import ConfigError
 from overdrive.metrics import MetricFamily as F
 from overdrive.plugins.redisconn import is_pool_wait
+from overdrive.redact import redact_url
 
 from .common import REJECTED, reject, route_name
 
@@ -52,14 +52,6 @@ _ASYNC: dict[str, Any] = {
     "moving-window": limits.aio.strategies.MovingWindowRateLimiter,
     "sliding-window-counter": limits.aio.strategies.SlidingWindowCounterRateLimiter,
 }
-
-
-def _redacted(url: str | None) -> str:
-    """`url` without its password, for a log line."""
-    parts = urlsplit(url or "")
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@") if url else ""
-    return url or ""
 
 
 def parse_limits(text: str, key: str) -> list[limits.RateLimitItem]:
@@ -148,7 +140,7 @@ class RateLimiter:
                     log.warning(
                         "ratelimit: Redis at %s failed (%s); counting per process until "
                         "it answers again (each worker then allows the full limit)",
-                        _redacted(self.storage_url),
+                        redact_url(self.storage_url or ""),
                         self.last_error,
                     )
             else:
