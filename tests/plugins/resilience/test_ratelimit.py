@@ -160,6 +160,25 @@ def test_nonsense_settings_name_the_key(table: dict[str, Any], key: str) -> None
         Overdrive({"plugins": ["ratelimit"], "ratelimit": table}, env={})
 
 
+async def test_the_outage_warning_never_shows_the_storage_password(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from limits import parse_many
+
+    from tests.support.faults import free_port
+
+    url = f"redis://default:hunter2@127.0.0.1:{free_port()}/0?password=hunter2"  # nothing there
+    limiter = RateLimiter("fixed-window", url, key_prefix="odtest")
+    try:
+        with caplog.at_level(logging.WARNING, logger="overdrive.plugins.ratelimit"):
+            assert (await limiter.hit(parse_many("100/minute"), "b", "k"))[0]  # counted locally
+        warned = [r.getMessage() for r in caplog.records if r.name == "overdrive.plugins.ratelimit"]
+        assert len(warned) == 1 and "counting per process" in warned[0]
+        assert "hunter2" not in warned[0] and "127.0.0.1" in warned[0]
+    finally:
+        await limiter.close()
+
+
 async def test_the_fallback_is_a_warning_once_per_outage(  # type: ignore[no-untyped-def]
     private_redis, namespace: str, caplog: pytest.LogCaptureFixture
 ) -> None:
