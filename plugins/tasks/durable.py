@@ -128,6 +128,9 @@ if AsyncBroker is not None:
             self._heartbeat_script = self.redis.register_script(_HEARTBEAT)
             self.running: dict[str, str] = {}  # message id -> stream, delivered and not acked
             self._heartbeat_task: asyncio.Task[None] | None = None
+            # reads that outlived their listener's cancellation (shielded, below): shutdown
+            # waits for them, or one could open a connection after the pool was closed
+            self._reads: set[asyncio.Future[Any]] = set()
             self.recreated_groups = 0
             self.heartbeats = 0
             self.listen_errors = 0
@@ -151,6 +154,8 @@ if AsyncBroker is not None:
             from overdrive.plugins.redisconn import close_client
 
             await self._stop_heartbeat()
+            if self._reads:  # bounded: each command is cut off by socket_timeout (5 s)
+                await asyncio.wait(set(self._reads), timeout=12.0)
             await close_client(self.redis)
             await super().shutdown()
 
@@ -216,6 +221,8 @@ if AsyncBroker is not None:
                     # cut off here finishes on its own; a job it took is not started and
                     # is reclaimed by another worker after `idle_timeout`.
                     read = asyncio.ensure_future(self._next())
+                    self._reads.add(read)
+                    read.add_done_callback(self._reads.discard)
                     try:
                         got = await asyncio.shield(read)
                     except asyncio.CancelledError:

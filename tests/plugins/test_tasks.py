@@ -504,3 +504,45 @@ async def test_plugin_redis_backend_runs_jobs_in_app_with_the_request_id(
             assert stats["backend"] == "redis" and stats["submitted"] == 1
     finally:
         await queue.delete()
+
+
+async def test_shutdown_waits_for_a_read_that_outlived_its_listener(
+    redis_url: str, namespace: str
+) -> None:
+    # A listener cancelled mid-read leaves the (shielded) read running; a shutdown that
+    # closed the pool under it let the read open a fresh connection that nobody closed
+    # (seen as an unclosed-socket warning at a later gc). The read is slowed by a real
+    # pause before a real Redis command so that it is in flight at the cancellation.
+    pytest.importorskip("taskiq")
+    from overdrive.plugins.tasks.durable import make_broker
+
+    broker = make_broker(redis_url, f"{namespace}:stream", xread_block=0.02)
+    await broker.startup()
+    real = broker.redis.xautoclaim
+    in_read = asyncio.Event()
+
+    async def slow_xautoclaim(*args: Any, **kwargs: Any) -> Any:
+        in_read.set()
+        await asyncio.sleep(0.3)
+        return await real(*args, **kwargs)
+
+    broker.redis.xautoclaim = slow_xautoclaim
+
+    async def listen() -> None:
+        async for _ in broker.listen():
+            pass
+
+    listener = asyncio.create_task(listen())
+    await asyncio.wait_for(in_read.wait(), 5)
+    listener.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await listener
+    await broker.shutdown()
+    await asyncio.sleep(0.5)  # what a late read would do, it has done by now
+    pool = broker.redis.connection_pool
+    connections = [*pool._available_connections, *pool._in_use_connections]
+    assert not [c for c in connections if c.is_connected]
+    from redis.asyncio import Redis
+
+    async with Redis.from_url(redis_url) as raw:
+        await raw.delete(f"{namespace}:stream")
