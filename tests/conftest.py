@@ -107,3 +107,19 @@ async def fault_proxy() -> AsyncIterator[object]:
     yield factory
     for proxy in made:
         await proxy.close()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[object]:
+    """A real local Sentinel setup (master, replica, one Sentinel) for the session."""
+    from tests.support.sentinel import LocalSentinel
+
+    if not LocalSentinel.available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server / redis-cli are not installed (CI=true)")
+        pytest.skip("redis-server (and redis-cli) are not installed: no local Redis Sentinel")
+    sentinel = LocalSentinel().start()
+    try:
+        yield sentinel
+    finally:
+        sentinel.close()

@@ -168,3 +168,22 @@ async def test_cache_prefix_invalidation_and_clear_reach_every_node(
         await writer.close()
         await reader.close()
         await close_client(probe)
+
+
+async def test_the_http_cache_plugin_shares_entries_on_the_cluster(
+    redis_cluster: str, namespace: str
+) -> None:
+    # the plugin's settings once refused redis+cluster:// (only AsyncCache took it)
+    from overdrive.contrib.testing import serve
+    from tests.plugins.test_cache_shared import App, settings
+
+    app = App(delay=0)
+    async with serve(
+        app.starlette(), config=settings(redis_url=redis_cluster, namespace=namespace)
+    ) as h:
+        assert (await h.client.get("/render")).headers["x-cache"] == "MISS"
+        h.host.cache.memory.clear()  # only the cluster has it now
+        r = await h.client.get("/render")
+        assert r.headers["x-cache"] == "HIT" and app.calls == 1
+        assert h.host.cache.get_stats()["redis"]["errors"] == 0
+        await h.host.cache.clear()

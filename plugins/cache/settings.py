@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from overdrive.errors import ConfigError
+from overdrive.plugins.redisconn import CLUSTER_SCHEMES, PLAIN_SCHEMES, SENTINEL_SCHEMES
+from overdrive.redact import redact_url
 
 __all__ = ["DEFAULT_POLICY", "UNKEYED_HEADERS", "CacheConfig", "CacheSettings", "EvictionPolicy"]
 
@@ -182,11 +184,13 @@ class CacheSettings:
                 f"cache.max_entry_bytes: expected <= max_bytes ({self.max_bytes}), "
                 f"got {self.max_entry_bytes!r}"
             )
+        schemes = (*PLAIN_SCHEMES, *CLUSTER_SCHEMES, *SENTINEL_SCHEMES)
         if self.redis_url is not None and not self.redis_url.startswith(
-            ("redis://", "rediss://", "unix://")
+            tuple(f"{scheme}://" for scheme in schemes)
         ):
             raise ConfigError(
-                f"cache.redis_url: expected redis://, rediss:// or unix://, got {self.redis_url!r}"
+                "cache.redis_url: expected redis://, rediss://, unix://, redis+cluster:// or "
+                f"redis+sentinel://, got {redact_url(self.redis_url)!r}"
             )
         for status in self.cacheable_statuses:
             if not 200 <= status <= 599 or status == 206:

@@ -273,11 +273,9 @@ class RedisTier:
 
     async def close(self) -> None:
         if self.owns_client:
-            try:
-                await self.client.aclose()
-                await self.client.connection_pool.disconnect()
-            except Exception:  # closing a dead connection may fail; nothing to do
-                pass
+            from overdrive.plugins.redisconn import close_client
+
+            await close_client(self.client)  # also the Sentinels' connections, for a Sentinel URL
 
     def stats(self) -> dict[str, Any]:
         lookups = self.hits + self.misses
