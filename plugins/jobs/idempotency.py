@@ -184,9 +184,11 @@ class RedisKeys:
     poll = 0.05  # seconds between looks while joining a request running on another worker
 
     def __init__(self, url: str, prefix: str) -> None:
-        import redis.asyncio as aioredis
+        from overdrive.plugins.redisconn import redis_client
 
-        self.client = aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        # the shared helper: plain, TLS, Cluster or Sentinel URLs alike (every command
+        # and the script touch one key, so any cluster slot layout works)
+        self.client = redis_client(url, socket_timeout=2.0, connect_timeout=2.0)
         self.prefix = prefix
         self._script = self.client.register_script(_RELEASE)
 
@@ -224,4 +226,6 @@ class RedisKeys:
         return _TIMEOUT
 
     async def close(self) -> None:
-        await self.client.aclose()
+        from overdrive.plugins.redisconn import close_client
+
+        await close_client(self.client)

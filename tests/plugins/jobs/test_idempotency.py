@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -164,10 +165,19 @@ def test_a_poisoned_record_is_never_a_response() -> None:
     assert Record.loads(b'{"fp": "a", "owner": "b", "status": 200, "headers": 5}') is None
 
 
-async def test_keys_are_shared_across_workers_through_redis(redis_url: str, namespace: str) -> None:
+@pytest.mark.parametrize("kind", ["plain", "cluster", "sentinel"])
+async def test_keys_are_shared_across_workers_through_redis(
+    kind: str, request: pytest.FixtureRequest, namespace: str
+) -> None:
+    if kind == "plain":
+        url = request.getfixturevalue("redis_url")
+    elif kind == "cluster":
+        url = request.getfixturevalue("redis_cluster")
+    else:
+        url = request.getfixturevalue("redis_sentinel").url
     c = Counter()
     app, cfg = make(c)
-    cfg["jobs"].update(store="redis", redis_url=redis_url, key_prefix=f"{namespace}:idem:")
+    cfg["jobs"].update(store="redis", redis_url=url, key_prefix=f"{namespace}:idem:")
     one = OverdriveMiddleware(app, host=Overdrive(cfg))
     two = OverdriveMiddleware(app, host=Overdrive(cfg))
     async with serve(one) as h1, serve(two) as h2:
