@@ -37,6 +37,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 __all__ = [
     "CLUSTER_SCHEMES",
+    "PLAIN_SCHEMES",
+    "SCHEMES",
+    "SENTINEL_SCHEMES",
     "PoolWaitTimeout",
     "close_client",
     "hash_tag",
@@ -52,6 +55,7 @@ __all__ = [
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 PLAIN_SCHEMES = ("redis", "rediss", "unix")
+SCHEMES = (*PLAIN_SCHEMES, *CLUSTER_SCHEMES, *SENTINEL_SCHEMES)  # every URL redis_client takes
 
 
 class PoolWaitTimeout(Exception):
@@ -181,14 +185,16 @@ def _cluster(
 def _sentinel(
     url: str, scheme: str, max_connections: int, pool_timeout: float | None, common: dict[str, Any]
 ) -> Any:
-    from redis.asyncio import BlockingConnectionPool, Redis
+    from redis.asyncio import BlockingConnectionPool
     from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
+    # defined here, not at module level: without the redis extra, importing this module
+    # must still work for the plugins that only use it when a URL is configured
     class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
-        """The Sentinel pool (finds the master, follows a failover) that waits up to
-        `pool_timeout` for a free connection instead of raising MaxConnectionsError:
-        redis-py's own Sentinel pool raised, and the rate limiter counted each burst
-        beyond the pool as a Redis failure (132 of 100 let through, measured)."""
+        """redis-py's Sentinel pool (asks for the master, follows a failover) that waits
+        up to `timeout` for a free connection, as our plain pools do. redis-py's own
+        raised MaxConnectionsError past the pool, which the rate limiter counted as a
+        Redis outage."""
 
     parts = urlsplit(url.replace(scheme, "redis", 1))
     username, password, hosts = _hosts(parts.netloc, 26379)
@@ -204,17 +210,13 @@ def _sentinel(
         **auth,
         **common,
     )
-    pool = BlockingSentinelPool(
+    return sentinel.master_for(
         service,
-        sentinel,
+        connection_pool_class=BlockingSentinelPool,
         db=db,
         max_connections=max_connections,
         timeout=pool_timeout,
-        **auth,
-        **common,
-        ssl=scheme.startswith("rediss"),
     )
-    return Redis(connection_pool=pool)
 
 
 try:

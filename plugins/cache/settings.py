@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from overdrive.errors import ConfigError
-from overdrive.plugins.redisconn import CLUSTER_SCHEMES, PLAIN_SCHEMES, SENTINEL_SCHEMES
+from overdrive.plugins.redisconn import SCHEMES
 from overdrive.redact import redact_url
 
 __all__ = ["DEFAULT_POLICY", "UNKEYED_HEADERS", "CacheConfig", "CacheSettings", "EvictionPolicy"]
+
+_REDIS_PREFIXES = tuple(f"{scheme}://" for scheme in SCHEMES)
 
 EvictionPolicy = Literal["s3fifo", "sieve", "lru", "ttl"]
 #: Best or equal-best on every trace of `benchmarks/eviction.py` (see docs/plugins/cache.md).
@@ -184,10 +186,7 @@ class CacheSettings:
                 f"cache.max_entry_bytes: expected <= max_bytes ({self.max_bytes}), "
                 f"got {self.max_entry_bytes!r}"
             )
-        schemes = (*PLAIN_SCHEMES, *CLUSTER_SCHEMES, *SENTINEL_SCHEMES)
-        if self.redis_url is not None and not self.redis_url.startswith(
-            tuple(f"{scheme}://" for scheme in schemes)
-        ):
+        if self.redis_url is not None and not self.redis_url.startswith(_REDIS_PREFIXES):
             raise ConfigError(
                 "cache.redis_url: expected redis://, rediss://, unix://, redis+cluster:// or "
                 f"redis+sentinel://, got {redact_url(self.redis_url)!r}"
