@@ -10,6 +10,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 import pytest
@@ -30,14 +31,17 @@ def _reachable(host: str, port: int) -> bool:
         return False
 
 
+def missing(message: str) -> NoReturn:
+    """Skip (locally) or fail (CI=true): a service or tool the test needs is not here."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message} (CI=true: a missing service or tool is a failure)")
+    pytest.skip(message)
+
+
 def need(service: str, host: str, port: int) -> None:
     """Skip (locally) or fail (CI=true) when `service` is not listening."""
-    if _reachable(host, port):
-        return
-    message = f"{service} is not running on {host}:{port}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{message} (CI=true: a missing service is a failure)")
-    pytest.skip(message)
+    if not _reachable(host, port):
+        missing(f"{service} is not running on {host}:{port}")
 
 
 def _need_url(service: str, url: str, default_port: int) -> str:
@@ -66,9 +70,7 @@ def namespace() -> str:
 def private_redis() -> Iterator[RedisServer]:
     """A redis-server of this test's own, which it may kill or SIGSTOP."""
     if not RedisServer.available():
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server is not installed (CI=true)")
-        pytest.skip("redis-server is not installed")
+        missing("redis-server is not installed")
     server = RedisServer().start()
     try:
         yield server
@@ -82,9 +84,7 @@ def redis_cluster() -> Iterator[str]:
     from tests.support.cluster import LocalCluster
 
     if not LocalCluster.available():
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server / redis-cli are not installed (CI=true)")
-        pytest.skip("redis-server (and redis-cli) are not installed: no local Redis Cluster")
+        missing("redis-server (and redis-cli) are not installed: no local Redis Cluster")
     cluster = LocalCluster().start()
     try:
         yield cluster.url
@@ -115,9 +115,7 @@ def redis_sentinel() -> Iterator[object]:
     from tests.support.sentinel import LocalSentinel
 
     if not LocalSentinel.available():
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server / redis-cli are not installed (CI=true)")
-        pytest.skip("redis-server (and redis-cli) are not installed: no local Redis Sentinel")
+        missing("redis-server (and redis-cli) are not installed: no local Redis Sentinel")
     sentinel = LocalSentinel().start()
     try:
         yield sentinel

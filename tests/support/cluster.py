@@ -7,13 +7,14 @@ would: three ``redis-server --cluster-enabled yes`` in a temp dir, then
 
 from __future__ import annotations
 
-import contextlib
 import random
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+
+from tests.support.faults import wait_port
 
 
 def _free(port: int) -> bool:
@@ -76,7 +77,7 @@ class LocalCluster:
                 )
             )
         for port in self.ports:
-            self._wait_port(port)
+            wait_port(port, "redis-server (cluster node)")
         subprocess.run(
             ["redis-cli", "--cluster", "create",
              *(f"127.0.0.1:{p}" for p in self.ports),
@@ -93,18 +94,6 @@ class LocalCluster:
                 return self
             time.sleep(0.1)
         raise RuntimeError("the local Redis Cluster did not reach cluster_state:ok")
-
-    @staticmethod
-    def _wait_port(port: int) -> None:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", port), timeout=0.2),
-            ):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"redis-server (cluster node) did not start on {port}")
 
     def close(self) -> None:
         for proc in self.procs:

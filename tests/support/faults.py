@@ -27,6 +27,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_port(port: int, what: str = "redis-server", seconds: float = 10.0) -> None:
+    """Return once something accepts TCP connections on loopback `port`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", port), timeout=0.2),
+        ):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start on port {port}")
+
+
 class FaultProxy:
     """asyncio TCP proxy 127.0.0.1:<port> -> target, with `cut()`, `pause()`, `restore()`."""
 
@@ -126,15 +139,8 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
-            ):
-                return self
-            time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+        wait_port(self.port)
+        return self
 
     def kill(self) -> None:
         if self.proc is not None:

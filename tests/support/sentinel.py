@@ -7,26 +7,16 @@ Started the way an operator would: two ``redis-server`` (the second with
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.support.cluster import _free
+from tests.support.faults import free_port, wait_port
 
 SERVICE = "mymaster"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    assert _free(port)
-    return port
 
 
 def _cli(port: int, *args: str) -> str:
@@ -37,7 +27,7 @@ def _cli(port: int, *args: str) -> str:
 
 class LocalSentinel:
     def __init__(self) -> None:
-        self.master, self.replica, self.sentinel = _port(), _port(), _port()
+        self.master, self.replica, self.sentinel = free_port(), free_port(), free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="overdrive-sentinel-"))
         self.procs: list[subprocess.Popen[bytes]] = []
 
@@ -75,7 +65,7 @@ class LocalSentinel:
             )
             self._server(str(conf), "--sentinel")
             for port in (self.master, self.replica, self.sentinel):
-                self._wait_port(port)
+                wait_port(port)
             self._wait(lambda: "master_link_status:up" in _cli(self.replica, "info", "replication"))
             # a failover needs the Sentinel to know the replica (it learns it from the master)
             self._wait(
@@ -98,28 +88,23 @@ class LocalSentinel:
             time.sleep(0.1)
         raise RuntimeError("the local Redis Sentinel setup did not become ready")
 
-    @staticmethod
-    def _wait_port(port: int) -> None:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", port), timeout=0.2),
-            ):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on {port}")
-
     def master_port(self) -> int:
         """The port the Sentinel names as master now."""
         out = _cli(self.sentinel, "sentinel", "get-master-addr-by-name", SERVICE).split()
         return int(out[1])
 
+    def get(self, port: int, key: str) -> str:
+        """`GET key` on the server at `port`, through redis-cli (no client of ours)."""
+        return _cli(port, "get", key).strip()
+
     def fail_over(self) -> None:
-        """Make the replica master (SENTINEL FAILOVER) and wait until the Sentinel says so."""
+        """Make the replica master (SENTINEL FAILOVER); return once the failover is whole:
+        the Sentinel names the replica, which is master, and the old master is demoted.
+        Until the demotion the old master still takes writes, which are lost with it."""
         _cli(self.sentinel, "sentinel", "failover", SERVICE)
         self._wait(lambda: self.master_port() == self.replica)
         self._wait(lambda: "role:master" in _cli(self.replica, "info", "replication"))
+        self._wait(lambda: "role:slave" in _cli(self.master, "info", "replication"))
 
     def close(self) -> None:
         for proc in self.procs:
